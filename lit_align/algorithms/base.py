@@ -1,0 +1,113 @@
+"""What every language-model algorithm shares: building the policy in
+``configure_model`` (so strategies can shard it), the optimizer, held-out
+exact-match evaluation by greedy generation, and the Hugging Face export."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lit_align.algorithms.optim import OptimSpec, build_optimizer
+from lit_align.evaluation import ExactMatch
+from lit_align.models import CausalLMSpec, build_causal_lm, load_tokenizer
+from lit_align.rollout import SamplingParams, decode_completions, hf_generate
+
+
+class CausalLMModule(L.LightningModule):
+    """Base LightningModule holding ``self.model`` (an HF causal LM) and ``self.tokenizer``.
+
+    Args:
+        model: which causal LM to build (:class:`~lit_align.models.CausalLMSpec`).
+        optim: optimizer and schedule (:class:`~lit_align.algorithms.optim.OptimSpec`).
+        eval_max_new_tokens: generation limit for held-out exact match (``0`` disables it).
+        num_logged_samples: generations written to TensorBoard as text at each validation.
+    """
+
+    monitor = ("val/exact_match", "max")
+
+    def __init__(self, model: CausalLMSpec, optim: OptimSpec | None = None, eval_max_new_tokens: int = 32,
+                 num_logged_samples: int = 4):
+        super().__init__()
+        self.spec = model
+        self.optim = optim or OptimSpec()
+        self.eval_max_new_tokens = eval_max_new_tokens
+        self.num_logged_samples = num_logged_samples
+        self.tokenizer = load_tokenizer(model)
+        self.model = None
+        self.val_exact_match = ExactMatch()
+        self.test_exact_match = ExactMatch()
+        self._tick = None
+
+    # -- model ------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = build_causal_lm(self.spec, self.tokenizer)
+
+    def lm_forward(self, batch: dict) -> torch.Tensor:
+        """Logits ``[B, T, V]``; packed batches come without attention mask, with position ids."""
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                          position_ids=batch.get("position_ids"), use_cache=False).logits
+
+    def configure_optimizers(self):
+        return build_optimizer(self.optim, self.model.parameters(), int(self.trainer.estimated_stepping_batches))
+
+    # -- throughput and gradient logging ------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        self._tick = time.perf_counter()
+
+    def log_throughput(self, batch: dict) -> None:
+        if self._tick is not None:
+            tokens = batch["input_ids"].numel() if "attention_mask" not in batch else batch["attention_mask"].sum()
+            self.log("train/tokens_per_s", float(tokens) / max(time.perf_counter() - self._tick, 1e-9))
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
+        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
+        if norms:
+            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)))
+
+    # -- held-out exact match -------------------------------------------------------
+    def generate_greedy(self, batch: dict) -> list[str]:
+        sampling = SamplingParams(max_new_tokens=self.eval_max_new_tokens, temperature=0.0)
+        ids = hf_generate(self.model, batch["prompt_ids"], batch["prompt_mask"], sampling,
+                          self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
+        return decode_completions(self.tokenizer, ids)
+
+    def score_generations(self, batch: dict, stage: str, batch_idx: int) -> None:
+        """Greedy generations against the references (or the task's checker), into the metric."""
+        if self.eval_max_new_tokens <= 0 or "prompt_ids" not in batch:
+            return
+        completions = self.generate_greedy(batch)
+        dm = getattr(self.trainer, "datamodule", None)
+        checker = getattr(dm, "checker", None)
+        if checker is not None:
+            correct = [checker(c, m, r) for c, m, r in zip(completions, batch["meta"], batch["references"])]
+        else:
+            correct = [c.strip() == r.strip() for c, r in zip(completions, batch["references"])]
+        metric = self.val_exact_match if stage == "val" else self.test_exact_match
+        metric.update(correct)
+        self.log(f"{stage}/exact_match", metric, on_step=False, on_epoch=True, batch_size=len(correct))
+        if batch_idx == 0 and self.num_logged_samples and isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
+            prompts = self.tokenizer.batch_decode(batch["prompt_ids"][: self.num_logged_samples], skip_special_tokens=True)
+            lines = [f"**prompt** `{p!r}`  \n**generated** `{c!r}`  \n**reference** `{r!r}`  \n**correct** {ok}"
+                     for p, c, r, ok in zip(prompts, completions, batch["references"], correct)]
+            self.logger.experiment.add_text(f"{stage}/samples", "\n\n---\n\n".join(lines), self.global_step)
+
+    # -- export ---------------------------------------------------------------------
+    def export_hf(self, directory: str) -> None:
+        """Save the model and tokenizer with ``save_pretrained`` (gathers sharded weights).
+
+        Collective under sharding: every rank calls it, rank 0 writes."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sharded = any(hasattr(p, "full_tensor") for p in self.model.parameters())
+        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
+            if sharded else None
+        if self.global_rank == 0:
+            os.makedirs(directory, exist_ok=True)
+            self.model.save_pretrained(directory, state_dict=state)
+            self.tokenizer.save_pretrained(directory)

@@ -1,0 +1,54 @@
+"""Supervised fine-tuning (instruction tuning) with the loss on response tokens only."""
+
+from __future__ import annotations
+
+import torch
+
+from lit_align.algorithms.base import CausalLMModule
+from lit_align.data.encode import IGNORE_INDEX
+from lit_align.losses import aggregate_loss, token_logprobs
+
+
+class SFT(CausalLMModule):
+    """Cross-entropy on label tokens, a token mean over the whole optimizer step.
+
+    Batches come from :class:`~lit_align.InstructionDataModule`: ``input_ids``,
+    ``labels`` ``[B, T]`` (``-100`` off the response), ``attention_mask`` or, when
+    packed, ``position_ids``; ``num_label_tokens_step`` counts the label tokens of
+    the optimizer step over all micro-batches and ranks. Normalising by it makes one
+    step's loss and gradient the same however its rows are split into micro-batches
+    (the gradient-accumulation fix of HF Trainer's ``num_items_in_batch``).
+
+    Args: see :class:`~lit_align.algorithms.base.CausalLMModule`.
+    """
+
+    def shifted(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs ``[B, T-1]`` of the next label and the label mask."""
+        logits = self.lm_forward(batch)[:, :-1]
+        labels = batch["labels"][:, 1:]
+        mask = labels != IGNORE_INDEX
+        return token_logprobs(logits, labels.clamp(min=0)), mask
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        logp, mask = self.shifted(batch)
+        # Lightning divides by accumulate_grad_batches and data parallelism averages over
+        # ranks; scaling by both turns the per-micro-batch sums into one global token mean.
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
+        loss = aggregate_loss(-logp, mask, "token-mean", num_tokens=batch["num_label_tokens_step"]) * scale
+        n = mask.sum().clamp(min=1)
+        self.log("train/loss", (-(logp * mask).sum() / n).detach(), prog_bar=True, batch_size=int(n))
+        self.log_throughput(batch)
+        return loss
+
+    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+        logp, mask = self.shifted(batch)
+        n = mask.sum()
+        self.log(f"{stage}/loss", -(logp * mask).sum() / n.clamp(min=1), on_epoch=True, sync_dist=True,
+                 batch_size=int(n), reduce_fx="mean")
+        self.score_generations(batch, stage, batch_idx)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")

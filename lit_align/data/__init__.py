@@ -1,0 +1,7 @@
+"""Data: sources, formats, chat templates and label masking, batching, built-in tasks."""
+
+from lit_align.data.formats import DataError
+from lit_align.data.instruction import InstructionDataModule
+from lit_align.data.tasks import ArithTask
+
+__all__ = ["DataError", "InstructionDataModule", "ArithTask"]

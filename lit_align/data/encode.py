@@ -1,0 +1,83 @@
+"""Tokenizing segments into ``input_ids`` / ``labels`` with the truncation policy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lit_align.data.formats import Segment
+
+IGNORE_INDEX = -100
+TRUNCATION = ("prompt", "drop")
+
+
+class Dropped(Exception):
+    """A row left out of training; ``reason`` is counted and logged."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    ids = tokenizer("a").input_ids
+    return bool(ids) and ids[0] == bos
+
+
+def encode_segments(segments: list[Segment], tokenizer, max_length: int, truncation: str = "prompt",
+                    reference: str | None = None) -> dict[str, Any]:
+    """Token ids and labels for one example.
+
+    Returns ``input_ids`` ``[T]``, ``labels`` ``[T]`` (``-100`` off the trained
+    segments and on the first position, which nothing predicts), ``prompt_ids``
+    (everything before the last trained segment: the generation prompt), and
+    ``reference`` (the last trained segment's text, the exact-match target).
+
+    Every trained segment ends with EOS (appended when the text does not produce
+    it). Too long: ``truncation="prompt"`` removes tokens from the start of the
+    sequence up to the first label, then from the end; ``"drop"`` drops the row.
+    Raises :class:`Dropped` when nothing is left to learn.
+    """
+    if truncation not in TRUNCATION:
+        raise ValueError(f"truncation: {truncation!r} is not one of {TRUNCATION}")
+    eos = tokenizer.eos_token_id
+    ids: list[int] = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    last_start = 0
+    for seg in segments:
+        seg_ids = tokenizer(seg.text, add_special_tokens=False).input_ids if seg.text else []
+        if seg.train:
+            if eos not in seg_ids:
+                seg_ids = seg_ids + [eos]
+            last_start = len(ids)
+            labels += seg_ids
+        else:
+            labels += [IGNORE_INDEX] * len(seg_ids)
+        ids += seg_ids
+    if not any(seg.train for seg in segments):
+        raise Dropped("no completion")
+    prompt_len = last_start
+    if len(ids) > max_length:
+        if truncation == "drop":
+            raise Dropped("too long")
+        first_label = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+        cut = min(len(ids) - max_length, max(first_label - 1, 0))  # keep one token before the first label
+        ids, labels, prompt_len = ids[cut:], labels[cut:], max(prompt_len - cut, 0)
+        ids, labels = ids[:max_length], labels[:max_length]
+    labels[0] = IGNORE_INDEX
+    if all(label == IGNORE_INDEX for label in labels):
+        raise Dropped("nothing left to learn after truncation")
+    if reference is None:
+        reference = next(seg.text for seg in reversed(segments) if seg.train)
+        if tokenizer.eos_token and reference.rstrip().endswith(tokenizer.eos_token):
+            reference = reference.rstrip()[: -len(tokenizer.eos_token)]
+    return {
+        "input_ids": ids,
+        "labels": labels,
+        "prompt_ids": ids[:prompt_len],
+        "reference": reference.strip(),
+        "num_labels": sum(label != IGNORE_INDEX for label in labels),
+        "length": len(ids),
+    }

@@ -1,0 +1,164 @@
+"""Turning raw rows of any supported format into text segments with a train flag.
+
+Chat templating and label masking live here and in :mod:`lit_align.data.encode` only.
+A segment with ``train=True`` is a completion / assistant turn: its tokens carry labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+FORMATS = ("auto", "prompt_completion", "messages", "alpaca", "sharegpt")
+ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "system": "system", "tool": "tool"}
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{with_input}. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+DEFAULT_COLUMNS = {
+    "prompt": "prompt", "completion": "completion", "messages": "messages",
+    "instruction": "instruction", "input": "input", "output": "output", "conversations": "conversations",
+}
+
+
+class DataError(ValueError):
+    """A row that cannot be used; the message names the source, row and field."""
+
+
+@dataclass
+class Segment:
+    text: str
+    train: bool
+
+
+@dataclass
+class Where:
+    """Where a row comes from, for error messages."""
+
+    source: str
+    split: str
+    row: int
+
+    def __call__(self, field: str, problem: str) -> DataError:
+        return DataError(f"{self.source} [{self.split}] row {self.row}, field {field!r}: {problem}")
+
+
+def detect_format(columns: list[str], names: Mapping[str, str]) -> str:
+    """The format implied by the dataset's columns."""
+    if names["messages"] in columns:
+        return "messages"
+    if names["conversations"] in columns:
+        return "sharegpt"
+    if names["prompt"] in columns and names["completion"] in columns:
+        return "prompt_completion"
+    if names["instruction"] in columns and names["output"] in columns:
+        return "alpaca"
+    raise DataError(
+        f"cannot tell the data format from columns {columns}: expected {names['messages']!r}, "
+        f"{names['conversations']!r}, {names['prompt']!r}+{names['completion']!r} or "
+        f"{names['instruction']!r}+{names['output']!r} (set `columns` to map yours)"
+    )
+
+
+def _text(row: Mapping[str, Any], column: str, where: Where, allow_empty: bool = False) -> str:
+    if column not in row:
+        raise where(column, "missing column")
+    value = row[column]
+    if value is None or not isinstance(value, str):
+        raise where(column, f"expected a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise where(column, "is empty")
+    return value
+
+
+def normalize_messages(messages: Any, field: str, where: Where, role_key: str = "role",
+                       content_key: str = "content", role_map: Mapping[str, str] | None = None) -> list[dict]:
+    """Validate a list of turns and return ``[{"role", "content"}]`` with standard roles."""
+    if not isinstance(messages, list) or not messages:
+        raise where(field, "expected a non-empty list of turns")
+    out = []
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, Mapping) or role_key not in turn or content_key not in turn:
+            raise where(f"{field}[{i}]", f"each turn needs {role_key!r} and {content_key!r}")
+        role = turn[role_key]
+        role = role_map.get(role, role) if role_map else role
+        if role not in ROLES:
+            raise where(f"{field}[{i}].{role_key}", f"unknown role {turn[role_key]!r} (allowed: {', '.join(role_map or ROLES)})")
+        content = turn[content_key]
+        if not isinstance(content, str):
+            raise where(f"{field}[{i}].{content_key}", f"expected a string, got {type(content).__name__}")
+        if role == "assistant" and not content.strip():
+            raise where(f"{field}[{i}].{content_key}", "empty assistant turn")
+        out.append({"role": role, "content": content})
+    if not any(t["role"] == "assistant" for t in out):
+        raise where(field, "no assistant turn to learn from")
+    return out
+
+
+def render_messages(messages: list[dict], tokenizer, where: Where, field: str) -> list[Segment]:
+    """Render turns with the tokenizer's chat template, one segment per span.
+
+    Each assistant turn is found by rendering the conversation up to it with
+    ``add_generation_prompt=True`` and up to and including it: the difference is
+    exactly the assistant's text, so loss masking is right for any template that
+    renders a conversation's prefix as a prefix of the whole.
+    """
+    segments: list[Segment] = []
+    done = ""
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else \
+            tokenizer.apply_chat_template([], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not prefix.startswith(done) or not full.startswith(prefix):
+            raise where(field, "the chat template does not render a conversation's prefix as a prefix of the whole;"
+                        " use a prefix-consistent template")
+        if prefix[len(done):]:
+            segments.append(Segment(prefix[len(done):], train=False))
+        segments.append(Segment(full[len(prefix):], train=True))
+        done = full
+    return segments
+
+
+def row_to_segments(row: Mapping[str, Any], fmt: str, names: Mapping[str, str], tokenizer, where: Where,
+                    system_prompt: str | None = None) -> list[Segment]:
+    """Segments of one row in format ``fmt`` (not ``auto``)."""
+    if fmt == "prompt_completion":
+        prompt, completion = row.get(names["prompt"]), row.get(names["completion"])
+        if isinstance(prompt, list) or isinstance(completion, list):  # conversational prompt/completion
+            p = normalize_messages(prompt, names["prompt"], where) if prompt else []
+            c = normalize_messages(completion, names["completion"], where)
+            return render_messages(_with_system(p + c, system_prompt), tokenizer, where, names["completion"])
+        return [Segment(_text(row, names["prompt"], where, allow_empty=True), False),
+                Segment(_text(row, names["completion"], where), True)]
+    if fmt == "messages":
+        if names["messages"] not in row:
+            raise where(names["messages"], "missing column")
+        msgs = normalize_messages(row[names["messages"]], names["messages"], where)
+        return render_messages(_with_system(msgs, system_prompt), tokenizer, where, names["messages"])
+    if fmt == "sharegpt":
+        if names["conversations"] not in row:
+            raise where(names["conversations"], "missing column")
+        msgs = normalize_messages(row[names["conversations"]], names["conversations"], where,
+                                  role_key="from", content_key="value", role_map=SHAREGPT_ROLES)
+        return render_messages(_with_system(msgs, system_prompt), tokenizer, where, names["conversations"])
+    if fmt == "alpaca":
+        instruction = _text(row, names["instruction"], where)
+        inp = row.get(names["input"]) or ""
+        if not isinstance(inp, str):
+            raise where(names["input"], f"expected a string, got {type(inp).__name__}")
+        prompt = ALPACA_PROMPT.format(
+            with_input=", paired with an input that provides further context" if inp.strip() else "",
+            instruction=instruction, input_block=f"### Input:\n{inp}\n\n" if inp.strip() else "")
+        return [Segment(prompt, False), Segment(_text(row, names["output"], where), True)]
+    raise ValueError(f"format: {fmt!r} is not one of {FORMATS}")
+
+
+def _with_system(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    if system_prompt and messages[0]["role"] != "system":
+        return [{"role": "system", "content": system_prompt}] + messages
+    return messages

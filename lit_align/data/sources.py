@@ -1,0 +1,63 @@
+"""Loading rows from a built-in task or any ``datasets`` source (hub id or local files)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import datasets
+
+_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+def _builder_for(files: list[str]) -> str:
+    exts = {os.path.splitext(f)[1].lower() for f in files}
+    builders = {_BUILDERS.get(e) for e in exts}
+    if len(builders) != 1 or None in builders:
+        raise ValueError(f"data files {files}: use one of {sorted(_BUILDERS)} (got extensions {sorted(exts)})")
+    return builders.pop()
+
+
+def load_splits(path: str | None, data_files: str | list[str] | dict[str, Any] | None, name: str | None,
+                splits: dict[str, str | None], val_fraction: float, seed: int) -> tuple[dict[str, datasets.Dataset], str]:
+    """Load the requested splits of a dataset.
+
+    Args:
+        path: hub id, local directory, or a local data file (json/jsonl/parquet/csv).
+        data_files: files for the ``json``/``csv``/``parquet`` builders; a dict maps split names to files.
+        name: dataset configuration name (hub datasets).
+        splits: role -> split name, roles ``train``, ``validation``, ``test``; ``None`` skips a role.
+        val_fraction: when the validation split does not exist, hold out this fraction of train.
+    Returns:
+        ``({role: Dataset}, source)`` where ``source`` names the files for error messages.
+    """
+    if path is not None and os.path.isfile(path):
+        data_files, path = path, None
+    if data_files is not None:
+        files = data_files if isinstance(data_files, list) else (
+            [f for v in data_files.values() for f in (v if isinstance(v, list) else [v])] if isinstance(data_files, dict) else [data_files])
+        for f in files:
+            if "*" not in f and not os.path.exists(f):
+                raise FileNotFoundError(f"data file {f!r} does not exist")
+        source = ", ".join(files)
+        ds = datasets.load_dataset(_builder_for(files), data_files=data_files)
+    elif path is not None:
+        source = path
+        ds = datasets.load_dataset(path, name)
+    else:
+        raise ValueError("data: give `path` (hub id, folder or file), `data_files`, or a built-in `task`")
+    out: dict[str, datasets.Dataset] = {}
+    for role, split in splits.items():
+        if split is not None and split in ds:
+            out[role] = ds[split]
+    if "train" in splits and splits["train"] is not None and "train" not in out:
+        raise ValueError(f"{source}: no split {splits['train']!r} (has {list(ds)})")
+    if "validation" not in out and val_fraction > 0 and "train" in out:
+        parts = out["train"].train_test_split(test_size=val_fraction, seed=seed)
+        out["train"], out["validation"] = parts["train"], parts["test"]
+    return out, source
+
+
+def task_splits(rows: dict[str, list[dict]]) -> dict[str, datasets.Dataset]:
+    """Built-in task rows as ``datasets`` splits, so they take the same path as real data."""
+    return {split: datasets.Dataset.from_list(r) for split, r in rows.items() if r}

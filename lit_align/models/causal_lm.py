@@ -1,0 +1,103 @@
+"""Building Hugging Face causal language models from a hub id, a local directory or
+an inline config (random init), plus the settings that go with them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from lit_align.models.tokenizer import build_tokenizer
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class CausalLMSpec:
+    """Which causal LM to build and how.
+
+    Args:
+        pretrained: hub id or local directory (``save_pretrained`` output) to load weights from.
+        config: inline config for a randomly initialised model, e.g.
+            ``{model_type: llama, hidden_size: 128, num_hidden_layers: 2, ...}``; the
+            vocabulary size and special token ids are filled in from the tokenizer.
+            Exactly one of ``pretrained`` and ``config`` is given.
+        tokenizer: hub id, local directory or ``"byte"`` (built-in, no files). Defaults to
+            ``pretrained`` when that is set, else ``"byte"``.
+        dtype: parameter dtype: float32, bfloat16 or float16 (mixed precision is the
+            trainer's ``precision`` setting; this is the storage dtype).
+        attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2`` ...
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        trust_remote_code: passed to ``from_pretrained``.
+        seed: seed of the random initialisation when ``config`` is used, so every rank
+            and every run builds the same weights.
+    """
+
+    pretrained: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    attn_implementation: str | None = "sdpa"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.pretrained is None) == (self.config is None):
+            raise ValueError("model: give exactly one of `pretrained` (hub id or local dir) and `config` (inline config)")
+        if self.config is not None and "model_type" not in self.config:
+            raise ValueError("model.config: needs a `model_type` (e.g. llama, qwen2, gpt2)")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"model.dtype: {self.dtype!r} is not one of {sorted(_DTYPES)}")
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer or self.pretrained or "byte"
+
+
+def build_hf_config(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase):
+    """The HF config of ``spec``: loaded, or built inline with the tokenizer's ids."""
+    if spec.pretrained is not None:
+        return AutoConfig.from_pretrained(spec.pretrained, trust_remote_code=spec.trust_remote_code)
+    kwargs = dict(spec.config)
+    model_type = kwargs.pop("model_type")
+    kwargs.setdefault("vocab_size", len(tokenizer))
+    kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
+    kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
+    kwargs.setdefault("bos_token_id", tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)
+    if kwargs["vocab_size"] < len(tokenizer):
+        raise ValueError(f"model.config.vocab_size={kwargs['vocab_size']} is smaller than the tokenizer's {len(tokenizer)} ids")
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def build_causal_lm(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Instantiate the model described by ``spec`` (weights loaded or freshly initialised)."""
+    dtype = _DTYPES[spec.dtype]
+    common = dict(attn_implementation=spec.attn_implementation, trust_remote_code=spec.trust_remote_code)
+    if spec.pretrained is not None:
+        model = AutoModelForCausalLM.from_pretrained(spec.pretrained, dtype=dtype, **common, **spec.extra)
+    else:
+        config = build_hf_config(spec, tokenizer)
+        # Same seed on every rank and every run: the random init is part of the recipe.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(spec.seed)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        model.resize_token_embeddings(len(tokenizer))
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model
+
+
+def load_tokenizer(spec: CausalLMSpec, padding_side: str = "right") -> PreTrainedTokenizerBase:
+    return build_tokenizer(spec.tokenizer_name, padding_side=padding_side, trust_remote_code=spec.trust_remote_code)
+
+
+def decoder_layer_classes(model: torch.nn.Module) -> set[type]:
+    """Classes of the transformer blocks (used as FSDP wrap units): ``_no_split_modules``."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return {type(m) for m in model.modules() if type(m).__name__ in names}

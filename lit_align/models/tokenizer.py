@@ -1,0 +1,47 @@
+"""Tokenizers: any Hugging Face tokenizer by hub id or local path, or the built-in
+byte-level tokenizer that needs no files (so every recipe runs offline)."""
+
+from __future__ import annotations
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+BYTE_TOKENIZER = "byte"
+
+# A plain role-tagged template. Each assistant turn ends with the EOS token so the
+# model learns to stop; the generation prompt opens an assistant turn.
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] }}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+
+def build_tokenizer(name_or_path: str | None, padding_side: str = "right", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """Load a tokenizer.
+
+    Args:
+        name_or_path: ``"byte"`` (or ``None``) for the built-in byte-level tokenizer
+            (``ByT5Tokenizer``: 384 ids, pad 0, eos 1), otherwise a hub id or a local
+            directory readable by ``AutoTokenizer.from_pretrained``.
+        padding_side: side used by ``tokenizer.pad``; collators pad explicitly anyway.
+
+    A tokenizer without a pad token gets its EOS token as pad; one without a chat
+    template gets the byte template above, so conversational data always renders.
+    """
+    if name_or_path in (None, BYTE_TOKENIZER):
+        from transformers import ByT5Tokenizer
+
+        tokenizer = ByT5Tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; targets must end with one")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = BYTE_CHAT_TEMPLATE
+    tokenizer.padding_side = padding_side
+    return tokenizer
