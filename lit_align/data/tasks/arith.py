@@ -32,6 +32,9 @@ class ArithTask:
         val_size: held-out problems in each of the validation and test splits.
         noise: fraction of training completions replaced by a wrong answer (noisy
             demonstrations, for a base model that plateaus below 100%).
+        noise_kind: ``random`` (a plausible wrong answer, see :meth:`wrong_answer`) or
+            ``carry`` (the sum computed without carries, a consistent mistake that a
+            model learns as a second mode; addition only).
         seed: the seed of the split and of the sampling.
     """
 
@@ -43,6 +46,7 @@ class ArithTask:
     train_size: int | None = None
     val_size: int = 500
     noise: float = 0.0
+    noise_kind: str = "random"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,6 +56,10 @@ class ArithTask:
             raise ValueError(f"arith.operators: {self.operators!r} must be a non-empty subset of '+-*'")
         if "{question}" not in self.template:
             raise ValueError(f"arith.template: {self.template!r} has no {{question}} field")
+        if self.noise_kind not in ("random", "carry"):
+            raise ValueError(f"arith.noise_kind: {self.noise_kind!r} is not one of ('random', 'carry')")
+        if self.noise_kind == "carry" and set(self.operators) != {"+"}:
+            raise ValueError("arith.noise_kind: 'carry' needs operators '+'")
         if not 0.0 <= self.noise < 1.0:
             raise ValueError(f"arith.noise: {self.noise} must be in [0, 1)")
         if 2 * self.val_size + (self.train_size or 1) > self.space_size:
@@ -135,6 +143,18 @@ class ArithTask:
         """True when ``completion`` states the correct ``answer`` (an int or its decimal string)."""
         return self.parse_answer(completion.strip()) == int(answer)
 
+    @staticmethod
+    def carry_free_sum(question: str) -> int:
+        """Digit-wise sum modulo 10 of the operands of an addition: the answer with every carry dropped."""
+        operands = [int(x) for x in question.split("+")]
+        width = max(len(str(x)) for x in operands)
+        return int("".join(str(sum(x // 10**k % 10 for x in operands) % 10) for k in reversed(range(width))))
+
+    def noisy_answer(self, question: str, value: int, rng: random.Random) -> int:
+        if self.noise_kind == "carry":
+            return self.carry_free_sum(question)
+        return self.wrong_answer(value, rng)
+
     def wrong_answer(self, value: int, rng: random.Random) -> int:
         """A plausible wrong answer: off by 1..20, or an off-by-ten carry slip."""
         while True:
@@ -157,7 +177,7 @@ class ArithTask:
                 row = {"prompt": self.template.format(question=q), "answer": str(value)}
                 if kind == "instruction":
                     noisy = split == "train" and rng.random() < self.noise
-                    row["completion"] = self.format_answer(self.wrong_answer(value, rng) if noisy else value)
+                    row["completion"] = self.format_answer(self.noisy_answer(q, value, rng) if noisy else value)
                 elif kind == "preference":
                     row["chosen"] = self.format_answer(value)
                     row["rejected"] = self.format_answer(self.wrong_answer(value, rng))

@@ -1,0 +1,25 @@
+import os
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(model_type: str = "llama", **overrides) -> dict:
+    """A tiny random-init causal LM config of the given family."""
+    if model_type == "gpt2":
+        cfg = dict(model_type="gpt2", n_embd=32, n_layer=2, n_head=2, n_positions=128, tie_word_embeddings=True)
+    else:
+        cfg = dict(model_type=model_type, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    cfg.update(overrides)
+    return cfg
+
+
+@pytest.fixture
+def repo_root() -> str:
+    return REPO
