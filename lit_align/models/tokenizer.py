@@ -3,6 +3,10 @@ byte-level tokenizer that needs no files (so every recipe runs offline)."""
 
 from __future__ import annotations
 
+import json
+import os
+
+import transformers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 BYTE_TOKENIZER = "byte"
@@ -17,6 +21,21 @@ BYTE_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
+
+
+def _declared_class(path: str):
+    """The tokenizer class a local directory's ``tokenizer_config.json`` names, if transformers has it.
+
+    ``AutoTokenizer`` may prefer the model family's tokenizer over the declared class
+    (a byte tokenizer saved beside a Qwen2 model loads as an empty Qwen2 tokenizer), so
+    a declared class is honoured first.
+    """
+    config = os.path.join(path, "tokenizer_config.json")
+    if not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        name = json.load(f).get("tokenizer_class")
+    return getattr(transformers, name, None) if isinstance(name, str) else None
 
 
 def build_tokenizer(name_or_path: str | None, padding_side: str = "right", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -36,7 +55,8 @@ def build_tokenizer(name_or_path: str | None, padding_side: str = "right", trust
 
         tokenizer = ByT5Tokenizer()
     else:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = _declared_class(name_or_path) or AutoTokenizer
+        tokenizer = tokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"tokenizer {name_or_path!r} has no EOS token; targets must end with one")
     if tokenizer.pad_token_id is None:
