@@ -1,0 +1,79 @@
+"""Advantage estimators: group-relative (GRPO family) and generalized advantage estimation (PPO)."""
+
+from __future__ import annotations
+
+import torch
+
+ADVANTAGE_SCALES = ("group", "none")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantages (GRPO, Shao et al. 2024, section 4.1.2).
+
+    Args:
+        rewards: ``[B]`` one scalar per completion; a group is ``group_size`` consecutive rows
+            (the samples of one prompt), so ``B`` must be a multiple of ``group_size``.
+        group_size: G, samples per prompt.
+        scale: ``group``: (r - mean_g) / (std_g + eps) with the unbiased sample std; ``none``:
+            r - mean_g only (Dr. GRPO, Liu et al. 2025, removes the std normalisation bias).
+        eps: keeps a zero-variance group at advantage 0 instead of 0/0.
+    Returns:
+        ``[B]`` advantages. A group of one sample has std 0 (not NaN) and advantage 0.
+    """
+    if scale not in ADVANTAGE_SCALES:
+        raise ValueError(f"group_advantages: scale {scale!r} is not one of {ADVANTAGE_SCALES}")
+    if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(f"group_advantages: rewards {tuple(rewards.shape)} is not a whole number of groups of {group_size}")
+    grouped = rewards.float().view(-1, group_size)
+    centered = grouped - grouped.mean(-1, keepdim=True)
+    if scale == "group":
+        std = grouped.std(-1, unbiased=True, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
+        centered = centered / (std + eps)
+    return centered.view(-1)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16) over response tokens.
+
+    Args:
+        rewards: ``[B, T]`` per-token rewards (e.g. -beta * KL everywhere plus the score on the
+            last response token).
+        values: ``[B, T]`` critic values V(s_t) at the same positions.
+        mask: ``[B, T]`` 1 on response tokens. Masked positions are skipped: the recursion runs
+            over valid tokens only, and the value after a sequence's last valid token is 0.
+        gamma: discount; lam: the GAE lambda.
+    Returns:
+        ``(advantages, returns)``, both ``[B, T]``, 0 where ``mask`` is 0;
+        ``returns = advantages + values`` on valid tokens.
+
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma * lam * A_{t+1}.
+    """
+    if not (rewards.shape == values.shape == mask.shape) or rewards.dim() != 2:
+        raise ValueError(f"gae: rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask {tuple(mask.shape)} must all be [B, T]")
+    mask = mask.to(torch.float32)
+    rewards = rewards.float() * mask
+    values = values.float() * mask
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_adv = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv_t = delta + gamma * lam * next_adv
+        # on an invalid position carry the next valid token's quantities through unchanged
+        advantages[:, t] = adv_t * m
+        next_value = torch.where(m > 0, values[:, t], next_value)
+        next_adv = torch.where(m > 0, adv_t, next_adv)
+    return advantages, (advantages + values) * mask
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """Normalise ``x`` to zero mean and unit variance over the valid tokens of ``mask`` (PPO advantage whitening)."""
+    mask = mask.to(x.dtype)
+    n = mask.sum().clamp(min=1.0)
+    mean = (x * mask).sum() / n
+    var = ((x - mean).square() * mask).sum() / n
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
