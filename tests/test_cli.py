@@ -63,5 +63,5 @@ def _recipes():
 
 @pytest.mark.parametrize("path", _recipes(), ids=lambda p: os.path.relpath(p, REPO))
 def test_every_recipe_parses_and_instantiates(path):
-    cli = main(["fit", "--config", path], run=False)
+    cli = main(["--config", path], run=False)
     assert cli.model is not None and cli.datamodule is not None

@@ -20,6 +20,17 @@ class GradCapture(L.Callback):
         self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.named_parameters() if p.grad is not None})
 
 
+class StopAt(L.Callback):
+    """Ends a run after ``step`` optimizer steps, as a killed job would, leaving ``max_steps`` (and the LR schedule) unchanged."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
 class BatchCapture(L.Callback):
     def __init__(self):
         self.batches = []
@@ -41,7 +52,8 @@ def _data(micro: int, rows: int = 8, **kw):
 
 
 def _trainer(tmp_path, **kw):
-    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    kw.setdefault("enable_checkpointing", False)
+    return L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
                      enable_model_summary=False, limit_val_batches=0, default_root_dir=str(tmp_path), **kw)
 
 
@@ -72,25 +84,30 @@ def test_rows_have_unequal_label_counts():
 
 def test_resume_continues_at_the_same_step_and_batch(tmp_path):
     straight = BatchCapture()
-    _trainer(tmp_path / "a", max_steps=6, callbacks=[straight]).fit(_module(), datamodule=_data(2, rows=16))
+    reference = _module()
+    _trainer(tmp_path / "a", max_steps=6, callbacks=[straight]).fit(reference, datamodule=_data(2, rows=16))
 
     ckpt_dir = tmp_path / "ckpt"
     first = BatchCapture()
-    trainer = _trainer(tmp_path / "b", max_steps=4, callbacks=[first, ModelCheckpoint(
+    trainer = _trainer(tmp_path / "b", max_steps=6, enable_checkpointing=True, callbacks=[first, StopAt(4), ModelCheckpoint(
         dirpath=str(ckpt_dir), every_n_train_steps=2, save_last=True, save_top_k=0)])
-    trainer.enable_checkpointing = True
     trainer.fit(_module(), datamodule=_data(2, rows=16))
     assert os.path.exists(ckpt_dir / "last.ckpt")
     state = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
     assert state["global_step"] == 4
 
     resumed = BatchCapture()
+    module = _module()
     trainer = _trainer(tmp_path / "c", max_steps=6, callbacks=[resumed])
-    trainer.fit(_module(), datamodule=_data(2, rows=16), ckpt_path=str(ckpt_dir / "last.ckpt"))
+    trainer.fit(module, datamodule=_data(2, rows=16), ckpt_path=str(ckpt_dir / "last.ckpt"))
     assert trainer.global_step == 6
     assert len(resumed.batches) == 2
     for got, want in zip(first.batches + resumed.batches, straight.batches):
         assert torch.equal(got, want)
+    # same weights as the uninterrupted run: AdamW moments and the LR schedule came back too
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6
+    for (name, got), want in zip(module.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
