@@ -75,8 +75,12 @@ def _text(row: Mapping[str, Any], column: str, where: Where, allow_empty: bool =
 
 
 def normalize_messages(messages: Any, field: str, where: Where, role_key: str = "role",
-                       content_key: str = "content", role_map: Mapping[str, str] | None = None) -> list[dict]:
-    """Validate a list of turns and return ``[{"role", "content"}]`` with standard roles."""
+                       content_key: str = "content", role_map: Mapping[str, str] | None = None,
+                       require_assistant: bool = True) -> list[dict]:
+    """Validate a list of turns and return ``[{"role", "content"}]`` with standard roles.
+
+    ``require_assistant=False`` accepts turns with no assistant turn (the prompt half of a
+    conversational prompt/completion row)."""
     if not isinstance(messages, list) or not messages:
         raise where(field, "expected a non-empty list of turns")
     out = []
@@ -93,13 +97,16 @@ def normalize_messages(messages: Any, field: str, where: Where, role_key: str = 
         if role == "assistant" and not content.strip():
             raise where(f"{field}[{i}].{content_key}", "empty assistant turn")
         out.append({"role": role, "content": content})
-    if not any(t["role"] == "assistant" for t in out):
+    if require_assistant and not any(t["role"] == "assistant" for t in out):
         raise where(field, "no assistant turn to learn from")
     return out
 
 
-def render_messages(messages: list[dict], tokenizer, where: Where, field: str) -> list[Segment]:
+def render_messages(messages: list[dict], tokenizer, where: Where, field: str, train_from: int = 0) -> list[Segment]:
     """Render turns with the tokenizer's chat template, one segment per span.
+
+    Assistant turns from index ``train_from`` on are trained; earlier ones (the prompt of a
+    conversational prompt/completion row) are context only.
 
     Each assistant turn is found by rendering the conversation up to it with
     ``add_generation_prompt=True`` and up to and including it: the difference is
@@ -119,7 +126,7 @@ def render_messages(messages: list[dict], tokenizer, where: Where, field: str) -
                         " use a prefix-consistent template")
         if prefix[len(done):]:
             segments.append(Segment(prefix[len(done):], train=False))
-        segments.append(Segment(full[len(prefix):], train=True))
+        segments.append(Segment(full[len(prefix):], train=i >= train_from))
         done = full
     return segments
 
@@ -130,9 +137,10 @@ def row_to_segments(row: Mapping[str, Any], fmt: str, names: Mapping[str, str], 
     if fmt == "prompt_completion":
         prompt, completion = row.get(names["prompt"]), row.get(names["completion"])
         if isinstance(prompt, list) or isinstance(completion, list):  # conversational prompt/completion
-            p = normalize_messages(prompt, names["prompt"], where) if prompt else []
+            p = normalize_messages(prompt, names["prompt"], where, require_assistant=False) if prompt else []
             c = normalize_messages(completion, names["completion"], where)
-            return render_messages(_with_system(p + c, system_prompt), tokenizer, where, names["completion"])
+            msgs = _with_system(p + c, system_prompt)
+            return render_messages(msgs, tokenizer, where, names["completion"], train_from=len(msgs) - len(c))
         return [Segment(_text(row, names["prompt"], where, allow_empty=True), False),
                 Segment(_text(row, names["completion"], where), True)]
     if fmt == "messages":

@@ -12,7 +12,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_align.data.batching import PlannedBatches, ResumableLoader, collate_packed, collate_rows, pack_rows
 from lit_align.data.encode import TRUNCATION, Dropped, encode_segments
 from lit_align.data.formats import DEFAULT_COLUMNS, FORMATS, DataError, Where, detect_format, row_to_segments
-from lit_align.data.sources import load_splits, task_splits
+from lit_align.data.sources import ROW_COLUMN, load_splits, task_splits
 from lit_align.data.tasks import ArithTask
 
 _SCALARS = (str, int, float, bool)
@@ -90,7 +90,7 @@ class InstructionDataModule(L.LightningDataModule):
         used = {self.columns[k] for k in self.columns}
         out, dropped = [], Counter()
         for i, row in enumerate(dataset):
-            where = Where(source, split, i)
+            where = Where(source, split, row.pop(ROW_COLUMN, i))  # the row's number in the source
             try:
                 enc = encode_segments(row_to_segments(row, fmt, self.columns, self.tokenizer, where, h.system_prompt),
                                       self.tokenizer, h.max_length, h.truncation)

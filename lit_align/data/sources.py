@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import csv
+import glob
 import os
 from typing import Any
 
 import datasets
+
+# Column holding each row's number in the source, added before a validation split is
+# carved out of train (which shuffles), so error messages still point at the right row.
+ROW_COLUMN = "__row__"
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 
@@ -16,6 +22,17 @@ def _builder_for(files: list[str]) -> str:
     if len(builders) != 1 or None in builders:
         raise ValueError(f"data files {files}: use one of {sorted(_BUILDERS)} (got extensions {sorted(exts)})")
     return builders.pop()
+
+
+def _csv_as_text(files: list[str]) -> dict[str, Any]:
+    """Builder options that read every CSV column as text, as written: ``"007"`` and ``"42"``
+    stay strings (a completion is text, not a number) and an empty cell is ``""``."""
+    first = files[0]
+    if "*" in first:
+        first = (sorted(glob.glob(first)) or [first])[0]
+    with open(first, newline="", encoding="utf-8-sig") as f:
+        header = next(csv.reader(f), [])
+    return {"features": datasets.Features({c: datasets.Value("string") for c in header}), "keep_default_na": False}
 
 
 def load_splits(path: str | None, data_files: str | list[str] | dict[str, Any] | None, name: str | None,
@@ -30,6 +47,7 @@ def load_splits(path: str | None, data_files: str | list[str] | dict[str, Any] |
         val_fraction: when the validation split does not exist, hold out this fraction of train.
     Returns:
         ``({role: Dataset}, source)`` where ``source`` names the files for error messages.
+        Splits carved out with ``val_fraction`` carry the source row numbers in ``ROW_COLUMN``.
     """
     if path is not None and os.path.isfile(path):
         data_files, path = path, None
@@ -40,7 +58,9 @@ def load_splits(path: str | None, data_files: str | list[str] | dict[str, Any] |
             if "*" not in f and not os.path.exists(f):
                 raise FileNotFoundError(f"data file {f!r} does not exist")
         source = ", ".join(files)
-        ds = datasets.load_dataset(_builder_for(files), data_files=data_files)
+        builder = _builder_for(files)
+        options = _csv_as_text(files) if builder == "csv" else {}
+        ds = datasets.load_dataset(builder, data_files=data_files, **options)
     elif path is not None:
         source = path
         ds = datasets.load_dataset(path, name)
@@ -53,7 +73,8 @@ def load_splits(path: str | None, data_files: str | list[str] | dict[str, Any] |
     if "train" in splits and splits["train"] is not None and "train" not in out:
         raise ValueError(f"{source}: no split {splits['train']!r} (has {list(ds)})")
     if "validation" not in out and val_fraction > 0 and "train" in out:
-        parts = out["train"].train_test_split(test_size=val_fraction, seed=seed)
+        train = out["train"].add_column(ROW_COLUMN, list(range(len(out["train"]))))
+        parts = train.train_test_split(test_size=val_fraction, seed=seed)
         out["train"], out["validation"] = parts["train"], parts["test"]
     return out, source
 

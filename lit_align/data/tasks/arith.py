@@ -71,7 +71,7 @@ class ArithTask:
     # -- problems ---------------------------------------------------------------
     @property
     def space_size(self) -> int:
-        n = 9 * 10 ** (self.digits - 1)
+        n = 10 if self.digits == 1 else 9 * 10 ** (self.digits - 1)  # one digit includes 0, as the problems do
         return n**self.terms * len(set(self.operators)) ** (self.terms - 1)
 
     def _random_problem(self, rng: random.Random) -> str:

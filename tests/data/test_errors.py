@@ -1,0 +1,131 @@
+"""Bad rows raise DataError naming the file, the split, the row and the field."""
+
+import re
+
+import pytest
+
+from lit_align.data import DataError, InstructionDataModule
+from tests.data.util import byte_tokenizer, encoded_module, write_jsonl
+
+PC = {"prompt": "1+1=", "completion": "2"}
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+SHAREGPT = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]}
+ALPACA = {"instruction": "Say hi.", "input": "", "output": "hi"}
+
+
+def raises_at_row_2(tmp_path, good, bad, field, problem, **kwargs):
+    """Four rows, the third bad: setup fails with the full location of the problem."""
+    path = str(tmp_path / "rows.jsonl")
+    message = f"{path} [train] row 2, field {field!r}: {problem}"
+    with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
+        encoded_module(tmp_path, [good, good, bad, good], name="rows.jsonl", **kwargs)
+
+
+@pytest.mark.parametrize("bad,field,problem", [
+    ({"prompt": "1+1="}, "completion", "expected a string, got NoneType"),
+    ({"prompt": "1+1=", "completion": ""}, "completion", "is empty"),
+    ({"prompt": "1+1=", "completion": "  \n"}, "completion", "is empty"),
+    ({"prompt": "1+1=", "completion": None}, "completion", "expected a string, got NoneType"),
+])
+def test_prompt_completion_errors(tmp_path, bad, field, problem):
+    raises_at_row_2(tmp_path, PC, bad, field, problem)
+
+
+def test_column_missing_from_every_row(tmp_path):
+    rows = [{"prompt": "a", "answer": "b"}] * 3
+    path = str(tmp_path / "rows.jsonl")
+    with pytest.raises(DataError, match=re.escape(f"{path} [train] row 0, field 'completion': missing column")):
+        encoded_module(tmp_path, rows, name="rows.jsonl", format="prompt_completion")
+
+
+def test_undetectable_format_names_the_columns(tmp_path):
+    with pytest.raises(DataError, match=re.escape("cannot tell the data format from columns ['question', 'answer']")):
+        encoded_module(tmp_path, [{"question": "a", "answer": "b"}])
+
+
+def test_renamed_column_error_names_the_users_column(tmp_path):
+    good = {"question": "1+1=", "answer": "2"}
+    raises_at_row_2(tmp_path, good, {"question": "2+2=", "answer": ""}, "answer", "is empty",
+                    columns={"prompt": "question", "completion": "answer"})
+
+
+@pytest.mark.parametrize("bad,field,problem", [
+    ({"messages": "hello"}, "messages", "expected a non-empty list of turns"),
+    ({"messages": []}, "messages", "expected a non-empty list of turns"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant"}]},
+     "messages[1]", "each turn needs 'role' and 'content'"),
+    ({"messages": [{"content": "hi"}, {"role": "assistant", "content": "yo"}]},
+     "messages[0]", "each turn needs 'role' and 'content'"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}]},
+     "messages[1].role", "unknown role 'bot' (allowed: system, user, assistant, tool)"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]},
+     "messages[1].content", "empty assistant turn"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "no assistant turn to learn from"),
+])
+def test_messages_errors(tmp_path, bad, field, problem):
+    raises_at_row_2(tmp_path, CHAT, bad, field, problem)
+
+
+def test_non_string_content(tmp_path):
+    bad = {"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "yo"}]}
+    raises_at_row_2(tmp_path, CHAT, bad, "messages[0].content", "expected a string, got int")
+
+
+@pytest.mark.parametrize("bad,field,problem", [
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "robot", "value": "yo"}]},
+     "conversations[1].from",
+     "unknown role 'robot' (allowed: human, user, gpt, assistant, chatgpt, bing, system, tool)"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "content": "yo"}]},
+     "conversations[1]", "each turn needs 'from' and 'value'"),
+])
+def test_sharegpt_errors(tmp_path, bad, field, problem):
+    raises_at_row_2(tmp_path, SHAREGPT, bad, field, problem)
+
+
+@pytest.mark.parametrize("bad,field,problem", [
+    ({"instruction": "", "input": "", "output": "hi"}, "instruction", "is empty"),
+    ({"instruction": "Say hi.", "input": "", "output": ""}, "output", "is empty"),
+])
+def test_alpaca_errors(tmp_path, bad, field, problem):
+    raises_at_row_2(tmp_path, ALPACA, bad, field, problem)
+
+
+def test_row_number_is_the_files_after_a_validation_split(tmp_path):
+    # val_fraction shuffles train before splitting; the message still points at line 3 of the file
+    rows = [{"prompt": f"p{i}", "completion": f"c{i}"} for i in range(12)]
+    rows[2]["completion"] = ""
+    path = write_jsonl(tmp_path / "rows.jsonl", rows)
+    for seed in range(3):
+        dm = InstructionDataModule(data_files=path, val_fraction=0.25, seed=seed)
+        dm.tokenizer = byte_tokenizer()
+        with pytest.raises(DataError, match=r"rows\.jsonl \[(train|validation)\] row 2, field 'completion': is empty$"):
+            dm.setup("fit")
+
+
+def test_error_names_the_split_file(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [PC, PC])
+    val = write_jsonl(tmp_path / "val.jsonl", [PC, {"prompt": "x", "completion": ""}])
+    dm = InstructionDataModule(data_files={"train": train, "validation": val})
+    dm.tokenizer = byte_tokenizer()
+    with pytest.raises(DataError, match=re.escape(f"{train}, {val} [validation] row 1, field 'completion': is empty")):
+        dm.setup("fit")
+
+
+def test_invalid_settings():
+    with pytest.raises(ValueError, match="data.format: 'chatml' is not one of"):
+        InstructionDataModule(path="x", format="chatml")
+    with pytest.raises(ValueError, match="data.truncation: 'left' is not one of"):
+        InstructionDataModule(path="x", truncation="left")
+    with pytest.raises(ValueError, match=r"data.columns: unknown keys \['answer'\]"):
+        InstructionDataModule(path="x", columns={"answer": "a"})
+    with pytest.raises(ValueError, match="give a built-in `task`, a `path` or `data_files`"):
+        InstructionDataModule()
+    with pytest.raises(ValueError, match="val_fraction: 1.0 must be in"):
+        InstructionDataModule(path="x", val_fraction=1.0)
+
+
+def test_missing_file(tmp_path):
+    dm = InstructionDataModule(data_files=str(tmp_path / "nope.jsonl"))
+    dm.tokenizer = byte_tokenizer()
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        dm.setup("fit")
