@@ -26,6 +26,27 @@ def _adds_bos(tokenizer) -> bool:
     return bool(ids) and ids[0] == bos
 
 
+def tokenize_segments(segments: list[Segment], tokenizer) -> tuple[list[int], list[int], int]:
+    """Token ids and labels of segments tokenized one by one (so a boundary between
+    segments is a token boundary), BOS first when the tokenizer adds one, EOS after
+    every trained segment. Returns ``(ids, labels, start of the last trained segment)``."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
+    labels: list[int] = [IGNORE_INDEX] * len(ids)
+    last_start = 0
+    for seg in segments:
+        seg_ids = tokenizer(seg.text, add_special_tokens=False).input_ids if seg.text else []
+        if seg.train:
+            if eos not in seg_ids:
+                seg_ids = seg_ids + [eos]
+            last_start = len(ids)
+            labels += seg_ids
+        else:
+            labels += [IGNORE_INDEX] * len(seg_ids)
+        ids += seg_ids
+    return ids, labels, last_start
+
+
 def encode_segments(segments: list[Segment], tokenizer, max_length: int, truncation: str = "prompt",
                     reference: str | None = None) -> dict[str, Any]:
     """Token ids and labels for one example.
@@ -42,20 +63,7 @@ def encode_segments(segments: list[Segment], tokenizer, max_length: int, truncat
     """
     if truncation not in TRUNCATION:
         raise ValueError(f"truncation: {truncation!r} is not one of {TRUNCATION}")
-    eos = tokenizer.eos_token_id
-    ids: list[int] = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
-    labels: list[int] = [IGNORE_INDEX] * len(ids)
-    last_start = 0
-    for seg in segments:
-        seg_ids = tokenizer(seg.text, add_special_tokens=False).input_ids if seg.text else []
-        if seg.train:
-            if eos not in seg_ids:
-                seg_ids = seg_ids + [eos]
-            last_start = len(ids)
-            labels += seg_ids
-        else:
-            labels += [IGNORE_INDEX] * len(seg_ids)
-        ids += seg_ids
+    ids, labels, last_start = tokenize_segments(segments, tokenizer)
     if not any(seg.train for seg in segments):
         raise Dropped("no completion")
     prompt_len = last_start

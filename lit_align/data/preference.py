@@ -1,0 +1,222 @@
+"""PreferenceDataModule: (prompt, chosen, rejected) pairs for reward models and DPO."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from lit_align.data.base import TextDataModule
+from lit_align.data.batching import pad
+from lit_align.data.encode import IGNORE_INDEX, Dropped, tokenize_segments
+from lit_align.data.formats import Segment, Where, _with_system, normalize_messages, render_messages
+from lit_align.data.tasks import ArithTask
+
+PREFERENCE_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "margin": "margin"}
+PREFERENCE_FORMATS = ("auto", "explicit", "implicit")
+
+
+def split_common_prefix(chosen: str, rejected: str) -> int:
+    """Where an implicit prompt ends in two texts: their common prefix, moved back to the
+    start of a word so a response never begins mid-word (``"= 123"`` / ``"= 128"`` split
+    before ``123``, not inside it)."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if n < min(len(chosen), len(rejected)):
+        while n > 0 and not chosen[n - 1].isspace() and not chosen[n].isspace() and chosen[n - 1].isalnum():
+            n -= 1
+    return n
+
+
+def encode_pair(prompt: list[Segment], chosen: list[Segment], rejected: list[Segment], tokenizer, max_length: int,
+                truncation: str) -> dict[str, Any]:
+    """Tokenize a pair so that both sequences share exactly the same prompt tokens.
+
+    Returns ``chosen`` and ``rejected`` (each ``input_ids``, ``labels``, ``num_labels``),
+    ``prompt_ids`` (the generation prompt), ``reference`` (the chosen text), ``length``
+    (the longer sequence) and ``num_labels`` (both). Too long: ``truncation="prompt"``
+    cuts the shared prompt from the left (keeping one token), then both responses at
+    the end; ``"drop"`` drops the pair.
+    """
+    p_ids, _, _ = tokenize_segments(prompt, tokenizer)
+    sides = {name: tokenize_segments(prompt + segs, tokenizer)[:2] for name, segs in (("chosen", chosen), ("rejected", rejected))}
+    for ids, _ in sides.values():
+        if ids[: len(p_ids)] != p_ids:
+            raise ValueError("tokenizer merges the prompt with the response: cannot find the prompt boundary")
+    longest = max(len(ids) for ids, _ in sides.values())
+    cut = 0
+    if longest > max_length:
+        if truncation == "drop":
+            raise Dropped("too long")
+        cut = min(longest - max_length, max(len(p_ids) - 1, 0))
+    out: dict[str, Any] = {}
+    for name, (ids, labels) in sides.items():
+        ids, labels = ids[cut:][:max_length], labels[cut:][:max_length]
+        labels[0] = IGNORE_INDEX
+        n = sum(label != IGNORE_INDEX for label in labels)
+        if n == 0:
+            raise Dropped("nothing left to learn after truncation")
+        out[name] = {"input_ids": ids, "labels": labels, "num_labels": n}
+    text = next(s.text for s in reversed(chosen) if s.train)
+    if tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token):
+        text = text.rstrip()[: -len(tokenizer.eos_token)]
+    out.update(prompt_ids=p_ids[cut:], reference=text.strip(),
+               length=max(len(out["chosen"]["input_ids"]), len(out["rejected"]["input_ids"])),
+               num_labels=out["chosen"]["num_labels"] + out["rejected"]["num_labels"])
+    return out
+
+
+def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """``B`` pairs as one batch of ``2B`` sequences: rows ``0..B-1`` chosen, ``B..2B-1``
+    rejected, so a policy scores a batch of pairs with one forward pass.
+
+    Keys: ``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``; ``margin`` ``[B]`` when the
+    rows have one; ``ref_chosen``/``ref_rejected`` ``[B]`` when reference log-probs were precomputed.
+    """
+    seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    batch = {
+        "input_ids": pad([s["input_ids"] for s in seqs], pad_id),
+        "attention_mask": pad([[1] * len(s["input_ids"]) for s in seqs], 0),
+        "labels": pad([s["labels"] for s in seqs], IGNORE_INDEX),
+    }
+    if all("margin" in r for r in rows):
+        batch["margin"] = torch.tensor([float(r["margin"]) for r in rows])
+    if all("ref_chosen" in r for r in rows):
+        batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows])
+        batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows])
+    return batch
+
+
+class PreferenceDataModule(TextDataModule):
+    """Preference pairs for :class:`~lit_align.RewardModel` and :class:`~lit_align.DPO`.
+
+    Args:
+        task: a built-in task (``arith``: chosen = the correct answer, rejected = a plausible
+            wrong one) used when ``path`` and ``data_files`` are unset.
+        format: ``explicit`` (a ``prompt`` column plus ``chosen``/``rejected`` responses),
+            ``implicit`` (``chosen``/``rejected`` are whole conversations sharing a prefix, as in
+            Anthropic HH; the prompt is that prefix) or ``auto`` (explicit when a prompt column exists).
+            Each field is a string or a list of ``{role, content}`` turns.
+        columns: renames of ``prompt``, ``chosen``, ``rejected``, ``margin``.
+        system_prompt: a system turn added to conversational prompts that have none.
+        group_by_length: batch pairs of similar length together.
+        Other arguments: see :class:`~lit_align.data.base.TextDataModule`.
+
+    A ``margin`` column (float) is passed to the loss per pair. Pairs whose two responses
+    are identical carry no preference and are dropped (counted).
+    """
+
+    row_kind = "preference"
+
+    def __init__(self, task: ArithTask | None = None, path: str | None = None,
+                 data_files: str | list[str] | dict[str, Any] | None = None, name: str | None = None,
+                 train_split: str = "train", val_split: str | None = "validation", test_split: str | None = "test",
+                 val_fraction: float = 0.0, format: str = "auto", columns: dict[str, str] | None = None,
+                 system_prompt: str | None = None, max_length: int = 1024, truncation: str = "prompt",
+                 micro_batch_size: int = 8, eval_batch_size: int = 64, group_by_length: bool = True,
+                 max_eval_rows: int | None = None, num_workers: int = 0, seed: int = 0):
+        super().__init__(task=task, path=path, data_files=data_files, name=name, train_split=train_split,
+                         val_split=val_split, test_split=test_split, val_fraction=val_fraction, max_length=max_length,
+                         truncation=truncation, micro_batch_size=micro_batch_size, eval_batch_size=eval_batch_size,
+                         max_eval_rows=max_eval_rows, num_workers=num_workers, seed=seed)
+        if format not in PREFERENCE_FORMATS:
+            raise ValueError(f"data.format: {format!r} is not one of {PREFERENCE_FORMATS}")
+        unknown = set(columns or {}) - set(PREFERENCE_COLUMNS)
+        if unknown:
+            raise ValueError(f"data.columns: unknown keys {sorted(unknown)} (known: {sorted(PREFERENCE_COLUMNS)})")
+        self.save_hyperparameters(ignore=["task"])
+        self.columns = {**PREFERENCE_COLUMNS, **(columns or {})}
+
+    def row_format(self, columns: list[str]) -> str:
+        fmt = self.hparams.format
+        if fmt == "auto":
+            fmt = "explicit" if self.columns["prompt"] in columns else "implicit"
+        need = [self.columns[k] for k in (("prompt", "chosen", "rejected") if fmt == "explicit" else ("chosen", "rejected"))]
+        missing = [c for c in need if c not in columns]
+        if missing:
+            raise ValueError(f"preference data ({fmt} prompt) needs columns {missing}; found {columns}")
+        return fmt
+
+    def used_columns(self) -> set[str]:
+        return set(self.columns.values())
+
+    # -- rows -------------------------------------------------------------------
+    def _response(self, value: Any, field: str, where: Where) -> str | list[dict]:
+        if isinstance(value, list):
+            return normalize_messages(value, field, where)
+        if not isinstance(value, str) or not value.strip():
+            raise where(field, f"expected a non-empty string or a list of turns, got {value!r:.60}")
+        return value
+
+    def _split_implicit(self, row: dict, where: Where):
+        c_name, r_name = self.columns["chosen"], self.columns["rejected"]
+        chosen, rejected = row.get(c_name), row.get(r_name)
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            n = split_common_prefix(chosen, rejected)
+            if n == 0:
+                raise where(c_name, "chosen and rejected share no prompt prefix (implicit prompt format)")
+            return chosen[:n], self._response(chosen[n:], c_name, where), self._response(rejected[n:], r_name, where)
+        if isinstance(chosen, list) and isinstance(rejected, list):
+            c = normalize_messages(chosen, c_name, where)
+            r = normalize_messages(rejected, r_name, where)
+            n = 0
+            while n < min(len(c), len(r)) and c[n] == r[n]:
+                n += 1
+            if n == 0:
+                raise where(c_name, "chosen and rejected share no prompt turns (implicit prompt format)")
+            for msgs, name in ((c, c_name), (r, r_name)):
+                if n < len(msgs) and msgs[n]["role"] != "assistant":
+                    raise where(f"{name}[{n}]", f"the conversations diverge at a {msgs[n]['role']!r} turn; expected the assistant's")
+            return c[:n], c[n:], r[n:]
+        raise where(c_name, "chosen and rejected must both be strings or both be lists of turns")
+
+    def _segments(self, prompt, response, field: str, where: Where) -> tuple[list[Segment], list[Segment]]:
+        if isinstance(prompt, str) and isinstance(response, str):
+            return [Segment(prompt, False)], [Segment(response, True)]
+        turns = prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])
+        if isinstance(response, str):
+            response = [{"role": "assistant", "content": response}]
+        msgs = _with_system(turns + response, self.hparams.system_prompt)
+        segs = render_messages(msgs, self.tokenizer, where, field, train_from=len(msgs) - len(response))
+        first = next(i for i, s in enumerate(segs) if s.train)
+        return segs[:first], segs[first:]
+
+    def encode_row(self, row: dict, fmt: str, where: Where) -> dict:
+        h = self.hparams
+        c_name, r_name = self.columns["chosen"], self.columns["rejected"]
+        if fmt == "explicit":
+            prompt = row.get(self.columns["prompt"])
+            if isinstance(prompt, list):
+                prompt = normalize_messages(prompt, self.columns["prompt"], where, require_assistant=False)
+            elif not isinstance(prompt, str):
+                raise where(self.columns["prompt"], f"expected a string or a list of turns, got {prompt!r:.60}")
+            chosen = self._response(row.get(c_name), c_name, where)
+            rejected = self._response(row.get(r_name), r_name, where)
+        else:
+            prompt, chosen, rejected = self._split_implicit(row, where)
+        if chosen == rejected:
+            raise Dropped("identical responses")
+        p_c, chosen_segs = self._segments(prompt, chosen, c_name, where)
+        p_r, rejected_segs = self._segments(prompt, rejected, r_name, where)
+        if [s.text for s in p_c] != [s.text for s in p_r]:
+            raise where(r_name, "the chat template renders the shared prompt differently for chosen and rejected")
+        out = encode_pair(p_c, chosen_segs, rejected_segs, self.tokenizer, h.max_length, h.truncation)
+        margin = row.get(self.columns["margin"])
+        if margin is not None:
+            try:
+                out["margin"] = float(margin)
+            except (TypeError, ValueError):
+                raise where(self.columns["margin"], f"expected a number, got {margin!r:.40}") from None
+            if not math.isfinite(out["margin"]):
+                raise where(self.columns["margin"], f"expected a finite number, got {margin!r}")
+        return out
+
+    def group_by_length(self) -> bool:
+        return self.hparams.group_by_length
+
+    def collate(self, packs: list[list[dict]]) -> dict:
+        return collate_pairs([p[0] for p in packs], self.tokenizer.pad_token_id)
