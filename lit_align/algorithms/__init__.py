@@ -1,6 +1,7 @@
 """LightningModules, one per post-training method."""
 
+from lit_align.algorithms.dpo import DPO
 from lit_align.algorithms.optim import OptimSpec
 from lit_align.algorithms.sft import SFT
 
-__all__ = ["OptimSpec", "SFT"]
+__all__ = ["DPO", "OptimSpec", "SFT"]

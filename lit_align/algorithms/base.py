@@ -13,7 +13,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
 from lit_align.evaluation import ExactMatch
-from lit_align.models import CausalLMSpec, build_causal_lm, load_tokenizer
+from lit_align.data.encode import IGNORE_INDEX
+from lit_align.losses import token_logprobs
+from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, load_tokenizer, merged_copy
 from lit_align.rollout import SamplingParams, decode_completions, hf_generate
 
 
@@ -25,17 +27,19 @@ class CausalLMModule(L.LightningModule):
         optim: optimizer and schedule (:class:`~lit_align.algorithms.optim.OptimSpec`).
         eval_max_new_tokens: generation limit for held-out exact match (``0`` disables it).
         num_logged_samples: generations written to TensorBoard as text at each validation.
+        lora: train low-rank adapters instead of the full model (:class:`~lit_align.models.LoraSpec`).
     """
 
     monitor = ("val/exact_match", "max")
 
     def __init__(self, model: CausalLMSpec, optim: OptimSpec | None = None, eval_max_new_tokens: int = 32,
-                 num_logged_samples: int = 4):
+                 num_logged_samples: int = 4, lora: LoraSpec | None = None):
         super().__init__()
         self.spec = model
         self.optim = optim or OptimSpec()
         self.eval_max_new_tokens = eval_max_new_tokens
         self.num_logged_samples = num_logged_samples
+        self.lora = lora
         self.tokenizer = load_tokenizer(model)
         self.model = None
         self.val_exact_match = ExactMatch()
@@ -46,11 +50,21 @@ class CausalLMModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = build_causal_lm(self.spec, self.tokenizer)
+            if self.lora is not None:
+                self.model = apply_lora(self.model, self.lora)
 
-    def lm_forward(self, batch: dict) -> torch.Tensor:
-        """Logits ``[B, T, V]``; packed batches come without attention mask, with position ids."""
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+    def lm_forward(self, batch: dict, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of ``model`` (default the policy); packed batches come without
+        attention mask, with position ids."""
+        return (model or self.model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                           position_ids=batch.get("position_ids"), use_cache=False).logits
+
+    def shifted(self, batch: dict, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs ``[B, T-1]`` of each next label under ``model`` (default the
+        policy), and the label mask ``[B, T-1]``."""
+        logits = self.lm_forward(batch, model)[:, :-1]
+        labels = batch["labels"][:, 1:]
+        return token_logprobs(logits, labels.clamp(min=0)), labels != IGNORE_INDEX
 
     def configure_optimizers(self):
         return build_optimizer(self.optim, self.model.parameters(), int(self.trainer.estimated_stepping_batches))
@@ -109,5 +123,6 @@ class CausalLMModule(L.LightningModule):
             if sharded else None
         if self.global_rank == 0:
             os.makedirs(directory, exist_ok=True)
-            self.model.save_pretrained(directory, state_dict=state)
+            # adapters are folded into the weights: the export loads as a plain HF model
+            merged_copy(self.model).save_pretrained(directory, state_dict=state)
             self.tokenizer.save_pretrained(directory)

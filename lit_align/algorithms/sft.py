@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from lit_align.algorithms.base import CausalLMModule
-from lit_align.data.encode import IGNORE_INDEX
-from lit_align.losses import aggregate_loss, token_logprobs
+from lit_align.losses import aggregate_loss
 
 
 class SFT(CausalLMModule):
@@ -21,13 +20,6 @@ class SFT(CausalLMModule):
 
     Args: see :class:`~lit_align.algorithms.base.CausalLMModule`.
     """
-
-    def shifted(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs ``[B, T-1]`` of the next label and the label mask."""
-        logits = self.lm_forward(batch)[:, :-1]
-        labels = batch["labels"][:, 1:]
-        mask = labels != IGNORE_INDEX
-        return token_logprobs(logits, labels.clamp(min=0)), mask
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logp, mask = self.shifted(batch)
