@@ -10,6 +10,7 @@ import time
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics import Metric
 
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
 from lit_align.evaluation import ExactMatch
@@ -68,6 +69,17 @@ class CausalLMModule(L.LightningModule):
 
     def configure_optimizers(self):
         return build_optimizer(self.optim, self.model.parameters(), int(self.trainer.estimated_stepping_batches))
+
+    def on_validation_epoch_start(self) -> None:
+        # trainer.validate() runs in inference mode and resets metrics there, leaving their states
+        # as inference tensors; validation inside fit() runs under no_grad, where updating those
+        # in place fails. Such states hold nothing yet (a reset just made them): renew them.
+        if torch.is_inference_mode_enabled():
+            return
+        for metric in self.modules():
+            if isinstance(metric, Metric) and any(
+                    isinstance(v, torch.Tensor) and v.is_inference() for v in metric.metric_state.values()):
+                metric.reset()
 
     # -- throughput and gradient logging ------------------------------------------
     def on_train_batch_start(self, batch, batch_idx) -> None:
