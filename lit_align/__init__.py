@@ -1,7 +1,8 @@
 """lit_align: post-training for language and vision-language models on PyTorch Lightning."""
 
-from lit_align.algorithms import DPO, SFT, OptimSpec
+from lit_align.algorithms import DPO, SFT, OptimSpec, RewardModel
 from lit_align.data import ArithTask, InstructionDataModule, PreferenceDataModule
 from lit_align.models import CausalLMSpec
 
-__all__ = ["DPO", "SFT", "OptimSpec", "ArithTask", "InstructionDataModule", "PreferenceDataModule", "CausalLMSpec"]
+__all__ = ["DPO", "SFT", "RewardModel", "OptimSpec", "ArithTask", "InstructionDataModule", "PreferenceDataModule",
+           "CausalLMSpec"]

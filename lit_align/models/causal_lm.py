@@ -73,24 +73,40 @@ def build_hf_config(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase):
     return AutoConfig.for_model(model_type, **kwargs)
 
 
-def build_causal_lm(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """Instantiate the model described by ``spec`` (weights loaded or freshly initialised)."""
+def build_hf_model(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase, auto_class=AutoModelForCausalLM,
+                   **config_overrides: Any) -> PreTrainedModel:
+    """Instantiate ``spec`` through an HF auto class (weights loaded or freshly initialised).
+
+    Args:
+        auto_class: ``AutoModelForCausalLM`` or another head over the same backbone, such as
+            ``AutoModelForSequenceClassification`` for reward models.
+        config_overrides: config attributes set on top of the loaded or inline config
+            (e.g. ``num_labels=1``).
+    """
     dtype = _DTYPES[spec.dtype]
     common = dict(attn_implementation=spec.attn_implementation, trust_remote_code=spec.trust_remote_code)
-    if spec.pretrained is not None:
-        model = AutoModelForCausalLM.from_pretrained(spec.pretrained, dtype=dtype, **common, **spec.extra)
-    else:
-        config = build_hf_config(spec, tokenizer)
-        # Same seed on every rank and every run: the random init is part of the recipe.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(spec.seed)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, **common)
+    # Same seed on every rank and every run: the random init is part of the recipe, and that
+    # includes weights a pretrained checkpoint lacks (a new head over a causal LM's backbone).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(spec.seed)
+        if spec.pretrained is not None:
+            model = auto_class.from_pretrained(spec.pretrained, dtype=dtype, **common, **config_overrides, **spec.extra)
+        else:
+            config = build_hf_config(spec, tokenizer)
+            for key, value in config_overrides.items():
+                setattr(config, key, value)
+            model = auto_class.from_config(config, dtype=dtype, **common)
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model
+
+
+def build_causal_lm(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """Instantiate the causal LM described by ``spec`` (weights loaded or freshly initialised)."""
+    return build_hf_model(spec, tokenizer, AutoModelForCausalLM)
 
 
 def load_tokenizer(spec: CausalLMSpec, padding_side: str = "right") -> PreTrainedTokenizerBase:
