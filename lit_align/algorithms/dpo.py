@@ -151,7 +151,7 @@ class DPO(CausalLMModule):
         }
         for name, v in values.items():
             metric = self.pair_metrics[_key(stage, name)]
-            metric.update(v)
+            metric(v)  # forward, not update: on_step logging reads the batch value it caches
             self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=stage != "train",
                      prog_bar=name == "rewards/accuracies", batch_size=len(v))
         return losses
