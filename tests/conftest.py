@@ -23,3 +23,19 @@ def tiny_config(model_type: str = "llama", **overrides) -> dict:
 @pytest.fixture
 def repo_root() -> str:
     return REPO
+
+
+def write_tiny_export(directory) -> str:
+    """A tiny Llama + byte tokenizer saved with ``save_pretrained``, laid out as a pipeline
+    stage's HF export (``checkpoints/<name>/hf``), which a fresh clone does not have."""
+    from lit_align.models import CausalLMSpec, build_causal_lm, build_tokenizer
+
+    tokenizer = build_tokenizer("byte")
+    build_causal_lm(CausalLMSpec(config=tiny_config()), tokenizer).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> str:
+    return write_tiny_export(tmp_path_factory.mktemp("sft_export"))

@@ -8,9 +8,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from lit_align.models import CausalLMSpec, build_causal_lm, build_tokenizer
 from lit_align.train import main
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, write_tiny_export
 
 QUICKSTART = os.path.join(REPO, "configs", "sft", "arith.yaml")
 FAST = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--data.init_args.task.val_size", "8",
@@ -62,14 +61,6 @@ def _recipes():
                   and os.sep + "ablations" + os.sep not in p)
 
 
-def _tiny_export(directory) -> str:
-    """A tiny causal LM with the byte tokenizer, written as a pipeline stage's HF export would be."""
-    tokenizer = build_tokenizer("byte")
-    build_causal_lm(CausalLMSpec(config=tiny_config()), tokenizer).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return str(directory)
-
-
 @pytest.mark.parametrize("path", _recipes(), ids=lambda p: os.path.relpath(p, REPO))
 def test_every_recipe_parses_and_instantiates(path, tmp_path):
     """Every recipe parses, instantiates and builds its model. Pipeline recipes start from an
@@ -78,7 +69,7 @@ def test_every_recipe_parses_and_instantiates(path, tmp_path):
     args, export = ["--config", path], None
     pretrained = (yaml.safe_load(open(path))["model"].get("init_args", {}).get("model") or {}).get("pretrained")
     if isinstance(pretrained, str) and pretrained.startswith("checkpoints/"):
-        export = _tiny_export(tmp_path / "export")
+        export = write_tiny_export(tmp_path / "export")
         args += ["--model.init_args.model.pretrained", export]
     cli = main(args, run=False)
     assert cli.model is not None and cli.datamodule is not None

@@ -125,18 +125,6 @@ def test_invalid_settings_fail_at_construction():
             DPO(model=spec, **kw)
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    """A tiny Llama + byte tokenizer saved with save_pretrained, standing in for the SFT export."""
-    from lit_align.models import build_causal_lm
-
-    path = tmp_path_factory.mktemp("sft_export")
-    tok = build_tokenizer("byte")
-    build_causal_lm(CausalLMSpec(config=tiny_config()), tok).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
-
-
 DELTAS = sorted(glob.glob(os.path.join(REPO, "configs", "ablations", "dpo", "*.yaml")))
 
 

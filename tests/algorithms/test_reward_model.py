@@ -317,10 +317,10 @@ def test_recipe_runs_from_the_cli_and_its_checkpoint_loads(tmp_path):
     init arguments as dicts in the checkpoint), and a non-reward checkpoint is refused."""
     from lit_align.train import main
     from tests.conftest import REPO
-    from tests.test_cli import _tiny_export
+    from tests.conftest import write_tiny_export
 
     cli = main(["fit", "--config", f"{REPO}/configs/rm/arith.yaml", "--model.init_args.model.pretrained",
-                _tiny_export(tmp_path / "sft"), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+                write_tiny_export(tmp_path / "sft"), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
                 "--data.init_args.task.val_size", "8", "--data.init_args.eval_batch_size", "8",
                 "--data.init_args.micro_batch_size", "4", "--logs_dir", str(tmp_path / "logs"),
                 "--checkpoints_dir", str(tmp_path / "ckpt"), "--name", "rm"])

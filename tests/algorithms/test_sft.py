@@ -1,6 +1,5 @@
 """SFT: step-level token mean (accumulation invariance), resume, and learning."""
 
-import glob
 import os
 
 import lightning as L
