@@ -3,6 +3,7 @@
 from lit_align.data.formats import DataError
 from lit_align.data.instruction import InstructionDataModule
 from lit_align.data.preference import PreferenceDataModule
+from lit_align.data.prompt import PromptDataModule
 from lit_align.data.tasks import ArithTask
 
-__all__ = ["DataError", "InstructionDataModule", "PreferenceDataModule", "ArithTask"]
+__all__ = ["DataError", "InstructionDataModule", "PreferenceDataModule", "PromptDataModule", "ArithTask"]
