@@ -10,7 +10,7 @@ import torch
 from lit_align.data.base import TextDataModule
 from lit_align.data.batching import pad
 from lit_align.data.encode import IGNORE_INDEX, Dropped, tokenize_segments
-from lit_align.data.formats import Segment, Where, _with_system, normalize_messages, render_messages
+from lit_align.data.formats import DataError, Segment, Where, _with_system, normalize_messages, render_messages
 from lit_align.data.tasks import ArithTask
 
 PREFERENCE_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "margin": "margin"}
@@ -19,15 +19,15 @@ PREFERENCE_FORMATS = ("auto", "explicit", "implicit")
 
 def split_common_prefix(chosen: str, rejected: str) -> int:
     """Where an implicit prompt ends in two texts: their common prefix, moved back to the
-    start of a word so a response never begins mid-word (``"= 123"`` / ``"= 128"`` split
-    before ``123``, not inside it)."""
+    start of a word so neither response begins mid-word (``"= 123"`` / ``"= 128"`` split
+    before ``123``, not inside it; so do ``"= 12 apples"`` / ``"= 123 apples"``)."""
     n = 0
     for a, b in zip(chosen, rejected):
         if a != b:
             break
         n += 1
-    if n < min(len(chosen), len(rejected)):
-        while n > 0 and not chosen[n - 1].isspace() and not chosen[n].isspace() and chosen[n - 1].isalnum():
+    if n < max(len(chosen), len(rejected)):
+        while n > 0 and chosen[n - 1].isalnum() and any(n < len(t) and not t[n].isspace() for t in (chosen, rejected)):
             n -= 1
     return n
 
@@ -138,7 +138,7 @@ class PreferenceDataModule(TextDataModule):
         need = [self.columns[k] for k in (("prompt", "chosen", "rejected") if fmt == "explicit" else ("chosen", "rejected"))]
         missing = [c for c in need if c not in columns]
         if missing:
-            raise ValueError(f"preference data ({fmt} prompt) needs columns {missing}; found {columns}")
+            raise DataError(f"preference data ({fmt} prompt) needs columns {missing}; found {columns}")
         return fmt
 
     def used_columns(self) -> set[str]:
@@ -156,6 +156,8 @@ class PreferenceDataModule(TextDataModule):
         c_name, r_name = self.columns["chosen"], self.columns["rejected"]
         chosen, rejected = row.get(c_name), row.get(r_name)
         if isinstance(chosen, str) and isinstance(rejected, str):
+            if chosen == rejected:
+                raise Dropped("identical responses")
             n = split_common_prefix(chosen, rejected)
             if n == 0:
                 raise where(c_name, "chosen and rejected share no prompt prefix (implicit prompt format)")
@@ -169,6 +171,8 @@ class PreferenceDataModule(TextDataModule):
             if n == 0:
                 raise where(c_name, "chosen and rejected share no prompt turns (implicit prompt format)")
             for msgs, name in ((c, c_name), (r, r_name)):
+                if n == len(msgs) and len(c) != len(r):
+                    raise where(name, "ends where the other conversation's response begins: no response to compare")
                 if n < len(msgs) and msgs[n]["role"] != "assistant":
                     raise where(f"{name}[{n}]", f"the conversations diverge at a {msgs[n]['role']!r} turn; expected the assistant's")
             return c[:n], c[n:], r[n:]
