@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager
 
 import lightning as L
 import torch
@@ -16,7 +17,7 @@ from lit_align.algorithms.optim import OptimSpec, build_optimizer
 from lit_align.evaluation import ExactMatch
 from lit_align.data.encode import IGNORE_INDEX
 from lit_align.losses import token_logprobs
-from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, load_tokenizer, merged_copy
+from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, is_peft, load_tokenizer, merged_copy
 from lit_align.rollout import SamplingParams, decode_completions, hf_generate
 
 
@@ -50,9 +51,29 @@ class CausalLMModule(L.LightningModule):
     # -- model ------------------------------------------------------------------
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = build_causal_lm(self.spec, self.tokenizer)
+            # from_pretrained returns eval mode and Lightning keeps submodule modes as they are
+            self.model = build_causal_lm(self.spec, self.tokenizer).train()
             if self.lora is not None:
                 self.model = apply_lora(self.model, self.lora)
+
+    def build_frozen(self, spec: CausalLMSpec) -> torch.nn.Module:
+        """A frozen copy (eval mode, no grad) of the model ``spec`` describes: a reference policy."""
+        frozen = build_causal_lm(spec, self.tokenizer).to(self.device)
+        return frozen.eval().requires_grad_(False)
+
+    @contextmanager
+    def adapters_disabled(self):
+        """The LoRA policy with its adapters off and in eval mode: the frozen base, used as the
+        reference without holding a second copy of the weights."""
+        if not is_peft(self.model):
+            raise RuntimeError("adapters_disabled: the policy has no LoRA adapters")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self.model.disable_adapter():
+                yield self.model
+        finally:
+            self.model.train(was_training)
 
     def lm_forward(self, batch: dict, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Logits ``[B, T, V]`` of ``model`` (default the policy); packed batches come without
@@ -103,10 +124,11 @@ class CausalLMModule(L.LightningModule):
                           self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
         return decode_completions(self.tokenizer, ids)
 
-    def score_generations(self, batch: dict, stage: str, batch_idx: int) -> None:
-        """Greedy generations against the references (or the task's checker), into the metric."""
+    def score_generations(self, batch: dict, stage: str, batch_idx: int) -> list[str] | None:
+        """Greedy generations against the references (or the task's checker), into the metric;
+        returns the completions."""
         if self.eval_max_new_tokens <= 0 or "prompt_ids" not in batch:
-            return
+            return None
         completions = self.generate_greedy(batch)
         dm = getattr(self.trainer, "datamodule", None)
         checker = getattr(dm, "checker", None)
@@ -122,6 +144,7 @@ class CausalLMModule(L.LightningModule):
             lines = [f"**prompt** `{p!r}`  \n**generated** `{c!r}`  \n**reference** `{r!r}`  \n**correct** {ok}"
                      for p, c, r, ok in zip(prompts, completions, batch["references"], correct)]
             self.logger.experiment.add_text(f"{stage}/samples", "\n\n---\n\n".join(lines), self.global_step)
+        return completions
 
     # -- export ---------------------------------------------------------------------
     def export_hf(self, directory: str) -> None:

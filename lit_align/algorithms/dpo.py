@@ -10,7 +10,7 @@ from lit_align.algorithms.base import CausalLMModule
 from lit_align.algorithms.optim import OptimSpec
 from lit_align.data.preference import collate_pairs
 from lit_align.losses import DPO_LOSS_TYPES, dpo_loss
-from lit_align.models import CausalLMSpec, LoraSpec, build_causal_lm, is_peft
+from lit_align.models import CausalLMSpec, LoraSpec, is_peft
 
 _METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
 
@@ -70,15 +70,10 @@ class DPO(CausalLMModule):
         self.pair_metrics = torch.nn.ModuleDict({_key(stage, k): MeanMetric() for k in _METRICS for stage in ("train", "val")})
 
     # -- reference ------------------------------------------------------------------
-    def _build_reference(self) -> torch.nn.Module:
-        ref = build_causal_lm(self.ref_spec, self.tokenizer).to(self.device)
-        ref.eval().requires_grad_(False)
-        return ref
-
     def configure_model(self) -> None:
         super().configure_model()
         if self.ref_model is None and self.lora is None and not self.hparams.precompute_ref_logps:
-            self.ref_model = self._build_reference()
+            self.ref_model = self.build_frozen(self.ref_spec)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ref_model.")}
@@ -91,12 +86,8 @@ class DPO(CausalLMModule):
         if self.ref_model is not None:
             return self._pair_logps(self.ref_model, batch)[:2]
         if is_peft(self.model):
-            with self.model.disable_adapter():
-                was_training = self.model.training
-                self.model.eval()
-                out = self._pair_logps(self.model, batch)[:2]
-                self.model.train(was_training)
-            return out
+            with self.adapters_disabled() as base:
+                return self._pair_logps(base, batch)[:2]
         raise RuntimeError("DPO: no reference log-probs (precompute_ref_logps ran on a different dataset?)")
 
     def on_fit_start(self) -> None:
@@ -110,7 +101,7 @@ class DPO(CausalLMModule):
         Computed with a freshly built reference (or the adapter-free base), so a resumed
         run gets the same values as the first one.
         """
-        ref = None if is_peft(self.model) else self._build_reference()
+        ref = None if is_peft(self.model) else self.build_frozen(self.ref_spec)
         batch_size = datamodule.hparams.eval_batch_size
         pad_id = self.tokenizer.pad_token_id
         for rows in datamodule.encoded.values():

@@ -117,3 +117,21 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[type]:
     """Classes of the transformer blocks (used as FSDP wrap units): ``_no_split_modules``."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     return {type(m) for m in model.modules() if type(m).__name__ in names}
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout probability to 0 (``nn.Dropout`` modules and attention dropout rates).
+
+    RL needs it: log-probs of the same tokens must not change between the rollout's scoring
+    pass and the training forward, or the first importance ratio is not 1."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    for name in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if isinstance(getattr(config, name, None), float):
+            setattr(config, name, 0.0)
+    return model
