@@ -70,7 +70,7 @@ class RolloutBatch:
             if isinstance(v, torch.Tensor):
                 out[f.name] = v[rows.to(v.device)]
             elif isinstance(v, list):
-                out[f.name] = [v[i] for i in idx]
+                out[f.name] = [v[i] for i in idx] if v else []  # the text lists are optional
             else:
                 out[f.name] = v
         return RolloutBatch(**out)

@@ -323,3 +323,33 @@ def test_every_rl_recipe_trains_through_the_cli(tmp_path, tiny_export, algo):
     for key in ("val/exact_match", "train/reward/mean", "train/accuracy", "train/entropy"):
         assert key in metrics and torch.isfinite(metrics[key]), key
     assert os.path.exists(tmp_path / "ckpt" / "t" / "hf" / "config.json")
+
+
+def digit_reward(prompts, completions, meta, **context):
+    """Share of a completion's characters that are digits (0 for an empty completion)."""
+    return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls", [GRPO, GSPO, DAPO], ids=lambda c: c.__name__)
+def test_reward_rises(tmp_path, cls):
+    """From random init, each preset learns to answer in digits: the digit-share reward goes
+    from ~0.07 (10 of 384 byte tokens) to >= 0.8 in 60 optimizer steps (GRPO measured: 0.07 at
+    step 5, 0.49 at 30, 0.98 at 50)."""
+    L.seed_everything(0)
+    m = cls(model=CausalLMSpec(config=tiny_config(), seed=1), num_generations=8, beta=0.0,
+            rewards=[RewardSpec("tests.algorithms.test_policy_gradient:digit_reward")],
+            sampling=SamplingParams(max_new_tokens=4, temperature=1.0), forward_batch_size=128,
+            optim=OptimSpec(lr=3e-3, schedule="constant"), eval_max_new_tokens=0,
+            # a random-init model almost never samples EOS: overlong filtering would mask every row
+            **({"overlong_buffer": 0, "overlong_filtering": False} if cls is DAPO else {}))
+    rewards = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            rewards.append(float(trainer.callback_metrics["train/reward/digit_reward/mean"]))
+
+    trainer = _trainer(tmp_path, max_steps=60, callbacks=[Record()])
+    trainer.fit(m, datamodule=_data(prompts=16, train_size=200))
+    start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert start < 0.2 and end >= 0.8, (start, end)
