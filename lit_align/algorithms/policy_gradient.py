@@ -9,23 +9,15 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from lit_align.algorithms.base import CausalLMModule
+from lit_align.algorithms.online import OnlineRLModule, all_reduce
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
-from lit_align.losses import (ADVANTAGE_SCALES, AGG_MODES, IS_LEVELS, KL_ESTIMATORS, aggregate_loss, group_advantages,
-                              kl_penalty, policy_loss)
-from lit_align.models import CausalLMSpec, LoraSpec, disable_dropout, is_peft
-from lit_align.rewards import RewardSpec, Rewards
-from lit_align.rollout import HFEngine, RolloutBatch, SamplingParams, chunked_logprobs, completion_logprobs
+from lit_align.losses import ADVANTAGE_SCALES, AGG_MODES, IS_LEVELS, aggregate_loss, group_advantages, kl_penalty, policy_loss
+from lit_align.models import CausalLMSpec, LoraSpec
+from lit_align.rewards import RewardSpec
+from lit_align.rollout import RolloutBatch, SamplingParams, chunked_logprobs, completion_logprobs
 
 
-def _all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=op)
-    return value
-
-
-class PolicyGradient(CausalLMModule):
+class PolicyGradient(OnlineRLModule):
     """Critic-free policy-gradient RL on groups of sampled completions.
 
     Each training step takes a batch of prompts (``PromptDataModule``), samples
@@ -84,53 +76,27 @@ class PolicyGradient(CausalLMModule):
                  max_generation_rounds: int = 4, overlong_filtering: bool = False, overlong_buffer: int = 0,
                  overlong_penalty_factor: float = 1.0, lora: LoraSpec | None = None, eval_max_new_tokens: int = 32,
                  num_logged_samples: int = 4):
-        super().__init__(model, optim, eval_max_new_tokens, num_logged_samples, lora=lora)
         sampling = sampling or SamplingParams(temperature=1.0)
-        name = type(self).__name__
-        checks = [
-            (not rewards, "rewards: give at least one reward (a built-in name or 'package.module:function')"),
+        self.check_settings([  # before the overlong reward below is built from them
+            (overlong_buffer < 0 or overlong_buffer >= sampling.max_new_tokens, f"overlong_buffer: need 0 <= overlong_buffer < sampling.max_new_tokens ({sampling.max_new_tokens}), got {overlong_buffer}"),
+            (overlong_penalty_factor < 0, f"overlong_penalty_factor: must be >= 0, got {overlong_penalty_factor}"),
+        ])
+        extra = [RewardSpec("overlong", weight=overlong_penalty_factor,
+                            args={"max_len": sampling.max_new_tokens, "cache_len": overlong_buffer})] \
+            if overlong_buffer > 0 else []
+        super().__init__(model, optim, rewards, sampling, num_generations, beta, kl_estimator, reference,
+                         forward_batch_size, lora, eval_max_new_tokens, num_logged_samples, extra_rewards=extra)
+        self.check_settings([
             (num_generations < 2, f"num_generations: need >= 2 samples per prompt for group advantages, got {num_generations}"),
-            (sampling.n != 1, "sampling.n: leave it at 1 and set num_generations"),
-            (sampling.temperature <= 0, "sampling.temperature: must be > 0 for on-policy sampling"),
             (advantage_scale not in ADVANTAGE_SCALES, f"advantage_scale: {advantage_scale!r} is not one of {ADVANTAGE_SCALES}"),
             (clip_low < 0 or clip_high < 0 or clip_low >= 1, f"clip_low / clip_high: need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}"),
             (importance_sampling_level not in IS_LEVELS, f"importance_sampling_level: {importance_sampling_level!r} is not one of {IS_LEVELS}"),
             (loss_agg_mode not in AGG_MODES, f"loss_agg_mode: {loss_agg_mode!r} is not one of {AGG_MODES}"),
-            (beta < 0, f"beta: must be >= 0, got {beta}"),
-            (kl_estimator not in KL_ESTIMATORS, f"kl_estimator: {kl_estimator!r} is not one of {KL_ESTIMATORS}"),
             (kl_in_reward and beta == 0, "kl_in_reward: needs beta > 0"),
-            (beta == 0 and reference is not None, "reference: unused with beta 0 (no KL term); drop it or set beta"),
-            (lora is not None and reference is not None, "reference: with lora the reference is the base with adapters disabled; drop it"),
-            (num_iterations < 1 or mini_batches < 1 or forward_batch_size < 1, "num_iterations, mini_batches and forward_batch_size must be >= 1"),
+            (num_iterations < 1 or mini_batches < 1, "num_iterations and mini_batches must be >= 1"),
             (max_generation_rounds < 1, f"max_generation_rounds: must be >= 1, got {max_generation_rounds}"),
-            (overlong_buffer < 0 or overlong_buffer >= sampling.max_new_tokens, f"overlong_buffer: need 0 <= overlong_buffer < sampling.max_new_tokens ({sampling.max_new_tokens}), got {overlong_buffer}"),
-            (overlong_penalty_factor < 0, f"overlong_penalty_factor: must be >= 0, got {overlong_penalty_factor}"),
-        ]
-        for bad, message in checks:
-            if bad:
-                raise ValueError(f"{name}.{message}")
+        ])
         self.save_hyperparameters()
-        self.sampling = sampling
-        specs = list(rewards)
-        if overlong_buffer:
-            specs.append(RewardSpec("overlong", weight=overlong_penalty_factor,
-                                    args={"max_len": sampling.max_new_tokens, "cache_len": overlong_buffer}))
-        self.rewards = Rewards(specs)
-        self.engine = HFEngine(self.tokenizer, logprob_batch_size=forward_batch_size)
-        self.ref_spec = reference or model
-        self.ref_model = None
-        self.automatic_optimization = False
-        self.strict_loading = False  # the frozen reference is rebuilt from its spec, never saved
-
-    # -- models ---------------------------------------------------------------------
-    def configure_model(self) -> None:
-        super().configure_model()
-        disable_dropout(self.model)
-        if self.hparams.beta > 0 and self.ref_model is None and self.lora is None:
-            self.ref_model = self.build_frozen(self.ref_spec)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ref_model.")}
 
     def configure_optimizers(self):
         # with max_steps unset the trainer counts batches; each batch takes mu x mini_batches steps
@@ -139,38 +105,6 @@ class PolicyGradient(CausalLMModule):
             steps *= self.hparams.num_iterations * self.hparams.mini_batches
         return build_optimizer(self.optim, self.model.parameters(), steps)
 
-    def on_fit_start(self) -> None:
-        self.rewards.setup(self.device)
-
-    @torch.no_grad()
-    def reference_logprobs(self, rollout: RolloutBatch) -> torch.Tensor:
-        """``[N, C]`` log-probs of the sampled tokens under the reference, in the training layout."""
-        t, size = self.sampling.temperature, self.hparams.forward_batch_size
-        if self.ref_model is not None:
-            return chunked_logprobs(self.ref_model, rollout, t, size)
-        if is_peft(self.model):
-            with self.adapters_disabled() as base:
-                return chunked_logprobs(base, rollout, t, size)
-        raise RuntimeError(f"{type(self).__name__}: beta > 0 but no reference model was built")
-
-    # -- rollouts and rewards ---------------------------------------------------------
-    def score(self, rollout: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total reward ``[N]`` and each reward's raw values."""
-        lengths = rollout.lengths - (~rollout.truncated).long()  # EOS is not content
-        total, parts = self.rewards(rollout.prompts, rollout.completions, rollout.meta,
-                                    completion_lengths=lengths.tolist(), truncated=rollout.truncated.tolist(),
-                                    max_new_tokens=self.sampling.max_new_tokens,
-                                    completion_ids=rollout.completion_ids.tolist())
-        return total.to(self.device), {k: v.to(self.device) for k, v in parts.items()}
-
-    def _sample(self, prompts: dict) -> tuple[RolloutBatch, torch.Tensor, dict]:
-        sampling = SamplingParams(max_new_tokens=self.sampling.max_new_tokens, temperature=self.sampling.temperature,
-                                  top_p=self.sampling.top_p, top_k=self.sampling.top_k, n=self.hparams.num_generations)
-        self.engine.update_weights(self.model)
-        rollout = self.engine.generate(self.model, prompts, sampling)
-        total, parts = self.score(rollout)
-        return rollout, total, parts
-
     def collect(self, batch: dict) -> tuple[RolloutBatch, torch.Tensor, dict, dict]:
         """Sample and score a rollout for ``batch``'s prompts; with dynamic sampling, keep only
         groups whose rewards differ and sample further prompts until the batch is full.
@@ -178,7 +112,7 @@ class PolicyGradient(CausalLMModule):
         Returns ``(rollout, total reward [N], each reward [N], stats)``; under dynamic sampling
         ``stats["loss_rows"]`` marks the rows that carry loss (filled-in groups do not)."""
         g = self.hparams.num_generations
-        rollout, total, parts = self._sample(batch)
+        rollout, total, parts = self.sample(batch)
         zero_std = total.view(-1, g).std(-1) == 0
         stats = {"zero_std_groups": zero_std.float().mean(), "rounds": 1}
         if not self.hparams.dynamic_sampling:
@@ -188,10 +122,10 @@ class PolicyGradient(CausalLMModule):
         n_kept, n_seen, rounds = int((~zero_std).sum()), target, 1
         dm = self.trainer.datamodule if self.trainer is not None else None
         # every rank samples in every round: generation under sharding is collective
-        while int(_all_reduce(torch.tensor(n_kept), dist.ReduceOp.MIN)) < target and rounds < self.hparams.max_generation_rounds:
+        while int(all_reduce(torch.tensor(n_kept), dist.ReduceOp.MIN)) < target and rounds < self.hparams.max_generation_rounds:
             more = dm.extra_prompts(self.global_step, rounds, target)
             more = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in more.items()}
-            r, t, p = self._sample(more)
+            r, t, p = self.sample(more)
             keep = t.view(-1, g).std(-1) > 0
             kept.append((r, t, p, keep))
             n_kept += int(keep.sum())
@@ -211,7 +145,7 @@ class PolicyGradient(CausalLMModule):
         loss_rows = torch.zeros(len(out), dtype=torch.bool, device=self.device)
         loss_rows[: loss_groups * g] = True
         # the kept rows came from several rollouts: score them again in one training layout
-        out.logprobs = chunked_logprobs(self.model, out, self.sampling.temperature, self.hparams.forward_batch_size)
+        out.logprobs = chunked_logprobs(self.model, out, self.sampling.temperature, self.forward_batch_size)
         stats.update(rounds=rounds, drop_rate=1.0 - min(n_kept, target) / max(n_seen, 1) if n_seen else 0.0,
                      filled_groups=target - loss_groups, loss_rows=loss_rows)
         return out, total, parts, stats
@@ -219,8 +153,8 @@ class PolicyGradient(CausalLMModule):
     # -- the update -------------------------------------------------------------------
     def step_normalizers(self, loss_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tokens and sequences that carry loss in one optimizer step, summed over all ranks."""
-        tokens = _all_reduce(loss_mask.sum().float())
-        seqs = _all_reduce((loss_mask.sum(-1) > 0).sum().float())
+        tokens = all_reduce(loss_mask.sum().float())
+        seqs = all_reduce((loss_mask.sum(-1) > 0).sum().float())
         return tokens, seqs
 
     def micro_loss(self, rollout: RolloutBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
@@ -321,38 +255,15 @@ class PolicyGradient(CausalLMModule):
     # -- logging ----------------------------------------------------------------------
     def log_rollout(self, rollout: RolloutBatch, total: torch.Tensor, parts: dict, stats: dict, metrics: dict,
                     gen_time: float, train_time: float) -> None:
-        n = len(rollout)
-        values = {"reward/mean": total.mean(), "reward/std": total.std() if n > 1 else total.new_tensor(0.0)}
-        for name, v in parts.items():
-            values[f"reward/{name}/mean"] = v.float().mean()
-            values[f"reward/{name}/std"] = v.float().std() if n > 1 else v.new_tensor(0.0)
-        checker = getattr(getattr(self.trainer, "datamodule", None), "checker", None)
-        if checker is not None:
-            correct = [checker(c, m, "") for c, m in zip(rollout.completions, rollout.meta)]
-            values["accuracy"] = torch.tensor(sum(correct) / max(len(correct), 1))
-        lengths = rollout.lengths.float()
-        values.update({
-            "response_length/mean": lengths.mean(), "response_length/max": lengths.max(),
-            "truncation_rate": rollout.truncated.float().mean(), "zero_std_groups": stats["zero_std_groups"],
-            "time/generation_s": torch.tensor(gen_time), "time/training_s": torch.tensor(train_time),
-            "time/generation_frac": torch.tensor(gen_time / max(gen_time + train_time, 1e-9)),
-        })
+        values = self.rollout_metrics(rollout, total, parts, gen_time, train_time)
+        values["zero_std_groups"] = stats["zero_std_groups"]
         if self.hparams.dynamic_sampling:
             values.update({"dynamic_sampling/drop_rate": torch.tensor(float(stats["drop_rate"])),
                            "dynamic_sampling/rounds": torch.tensor(float(stats["rounds"])),
                            "dynamic_sampling/filled_groups": torch.tensor(float(stats["filled_groups"]))})
         for k, v in metrics.items():
             values[k if k in ("kl", "entropy", "pg_loss") else f"policy/{k}"] = v
-        for k, v in values.items():
-            self.log(f"train/{k}", v.float().to(self.device), on_step=True, on_epoch=False,
-                     prog_bar=k in ("reward/mean", "accuracy"), batch_size=n, sync_dist=False)
-
-    # -- evaluation ---------------------------------------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.score_generations(batch, "val", batch_idx)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.score_generations(batch, "test", batch_idx)
+        self.log_train(values, len(rollout))
 
 
 def preset(name: str, doc: str, **defaults) -> type[PolicyGradient]:
