@@ -18,6 +18,7 @@ from lit_align.evaluation import ExactMatch
 from lit_align.data.encode import IGNORE_INDEX
 from lit_align.losses import token_logprobs
 from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, is_peft, load_tokenizer, merged_copy
+from lit_align.models.causal_lm import decoder_layer_classes
 from lit_align.rollout import SamplingParams, decode_completions, hf_generate
 
 
@@ -55,11 +56,28 @@ class CausalLMModule(L.LightningModule):
             self.model = build_causal_lm(self.spec, self.tokenizer).train()
             if self.lora is not None:
                 self.model = apply_lora(self.model, self.lora)
+            self.model = self.shard(self.model)
+
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2 under ``ModelParallelStrategy``: ``fully_shard`` each decoder layer, then the
+        root, over the data-parallel mesh dimension. Other strategies wrap the module themselves."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None:
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        layers = decoder_layer_classes(model)
+        for module in model.modules():
+            if type(module) in layers:
+                fully_shard(module, mesh=dp_mesh)
+        fully_shard(model, mesh=dp_mesh)
+        return model
 
     def build_frozen(self, spec: CausalLMSpec) -> torch.nn.Module:
         """A frozen copy (eval mode, no grad) of the model ``spec`` describes: a reference policy."""
         frozen = build_causal_lm(spec, self.tokenizer).to(self.device)
-        return frozen.eval().requires_grad_(False)
+        return self.shard(frozen.eval().requires_grad_(False))
 
     @contextmanager
     def adapters_disabled(self):

@@ -21,3 +21,32 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, cache_len: int) -> tor
     lengths = lengths.float()
     start = max_len - cache_len
     return ((start - lengths) / cache_len).clamp(min=-1.0, max=0.0)
+
+
+def kl_shaped_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, beta: float | torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards of RLHF-PPO (Ziegler et al. 2019, eq. 2; Ouyang et al. 2022, eq. 2).
+
+    Args:
+        scores: ``[B]`` sequence-level scores (reward model or rule), placed on each
+            sequence's last valid token.
+        kl: ``[B, T]`` per-token KL estimate between the policy and the reference
+            (see :func:`~lit_align.losses.kl_penalty`).
+        mask: ``[B, T]`` 1 on response tokens.
+        beta: KL coefficient.
+    Returns:
+        ``(rewards, non_score)``, both ``[B, T]``: ``non_score = -beta * kl`` on every valid
+        token, ``rewards = non_score`` plus ``scores`` at the last valid token of each row
+        (a row without valid tokens gets nothing).
+    """
+    if kl.shape != mask.shape or kl.dim() != 2 or scores.shape != kl.shape[:1]:
+        raise ValueError(f"kl_shaped_rewards: scores {tuple(scores.shape)} must be [B] and kl {tuple(kl.shape)}, "
+                         f"mask {tuple(mask.shape)} [B, T]")
+    mask = mask.to(kl.dtype)
+    non_score = -beta * kl * mask
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    last = (positions * (mask > 0)).argmax(-1)
+    has_tokens = mask.sum(-1) > 0
+    rewards = non_score.clone()
+    rewards[has_tokens, last[has_tokens]] += scores[has_tokens].to(kl.dtype)
+    return rewards, non_score

@@ -2,9 +2,9 @@
 
 from lit_align.models.causal_lm import CausalLMSpec, build_causal_lm, disable_dropout, build_hf_config, build_hf_model, load_tokenizer
 from lit_align.models.lora import LoraSpec, apply_lora, is_peft, merged_copy
-from lit_align.models.reward import build_reward_model, load_reward_model, sequence_scores
+from lit_align.models.reward import build_reward_model, load_reward_model, sequence_scores, token_scores
 from lit_align.models.tokenizer import BYTE_TOKENIZER, build_tokenizer
 
 __all__ = ["LoraSpec", "apply_lora", "is_peft", "merged_copy", "CausalLMSpec", "build_causal_lm", "disable_dropout", "build_hf_config",
            "build_hf_model", "load_tokenizer", "BYTE_TOKENIZER", "build_tokenizer", "build_reward_model",
-           "load_reward_model", "sequence_scores"]
+           "load_reward_model", "sequence_scores", "token_scores"]

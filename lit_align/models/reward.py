@@ -74,6 +74,13 @@ def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
     (embeddings, final norm, head).
     """
     index = last_token_index(attention_mask)
+    per_token = token_scores(model, input_ids, attention_mask)
+    return per_token.gather(1, index.to(per_token.device)[:, None]).squeeze(1)
+
+
+def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The scalar head's output at every position, ``[B, T]``: a reward model's score of each
+    prefix, or a critic's value of each state (PPO). Position ids follow the attention mask."""
     # 0, 1, 2, ... on real tokens wherever the padding is (equal to the default for right padding)
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     captured: list[torch.Tensor] = []
@@ -82,8 +89,7 @@ def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
         model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
     finally:
         handle.remove()
-    per_token = captured[-1].squeeze(-1)  # [B, T]
-    return per_token.gather(1, index.to(per_token.device)[:, None]).squeeze(1)
+    return captured[-1].squeeze(-1)
 
 
 def load_reward_model(path: str, dtype: str | None = None, padding_side: str = "right"

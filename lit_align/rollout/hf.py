@@ -90,9 +90,10 @@ def completion_logits(model: torch.nn.Module, rollout: RolloutBatch) -> torch.Te
 
 
 def completion_logprobs(model: torch.nn.Module, rollout: RolloutBatch, temperature: float = 1.0,
-                        with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        with_entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs ``[N, C]`` (float32, 0 off the completion mask) of the sampled tokens under
-    ``softmax(logits / temperature)``, and their entropy ``[N, C]`` (no grad) if asked.
+    ``softmax(logits / temperature)``, and their entropy ``[N, C]`` if asked (differentiable
+    with ``entropy_grad``, for an entropy bonus).
 
     The same function scores rollouts (old log-probs), the reference and the training forward,
     so on the first update the importance ratio is exactly 1."""
@@ -102,8 +103,8 @@ def completion_logprobs(model: torch.nn.Module, rollout: RolloutBatch, temperatu
     logp = token_logprobs(logits, rollout.completion_ids, temperature=t) * mask
     entropy = None
     if with_entropy:
-        with torch.no_grad():
-            entropy = token_entropy(logits.detach(), temperature=t) * mask
+        with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+            entropy = token_entropy(logits if entropy_grad else logits.detach(), temperature=t) * mask
     return logp, entropy
 
 
