@@ -39,3 +39,18 @@ def write_tiny_export(directory) -> str:
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> str:
     return write_tiny_export(tmp_path_factory.mktemp("sft_export"))
+
+
+def fit_recipe(recipe: str, tmp_path, pretrained: str | None = None, max_steps: int = 4, extra: list[str] = ()):
+    """Run a shipped recipe (``configs/...``) for a few steps on tiny data through the CLI,
+    logs and checkpoints under ``tmp_path`` (the run is named ``t``); returns the CLI."""
+    from lit_align.train import main
+
+    args = ["fit", "--config", os.path.join(REPO, recipe), *extra]
+    if pretrained is not None:
+        args += ["--model.init_args.model.pretrained", pretrained]
+    return main(args + ["--trainer.max_steps", str(max_steps), "--trainer.val_check_interval", "2",
+                        "--data.init_args.task.val_size", "4", "--data.init_args.eval_batch_size", "4",
+                        "--data.init_args.micro_batch_size", "4", "--trainer.num_sanity_val_steps", "0",
+                        "--trainer.enable_progress_bar", "false", "--logs_dir", str(tmp_path / "logs"),
+                        "--checkpoints_dir", str(tmp_path / "ckpt"), "--name", "t"])

@@ -11,8 +11,7 @@ import torch
 from lit_align import DPO, ArithTask, CausalLMSpec, OptimSpec, PreferenceDataModule
 from lit_align.data.batching import collate_rows
 from lit_align.models import LoraSpec, build_tokenizer
-from lit_align.train import main
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, fit_recipe, tiny_config
 
 
 def _module(**kw):
@@ -131,12 +130,7 @@ DELTAS = sorted(glob.glob(os.path.join(REPO, "configs", "ablations", "dpo", "*.y
 @pytest.mark.parametrize("delta", [None, *DELTAS], ids=lambda p: "base" if p is None else os.path.basename(p))
 def test_every_dpo_config_trains_through_the_cli(tmp_path, tiny_export, delta):
     extra = ["--config", delta] if delta else []
-    cli = main(["fit", "--config", os.path.join(REPO, "configs", "dpo", "arith.yaml"), *extra,
-                "--model.init_args.model.pretrained", tiny_export, "--trainer.max_steps", "2",
-                "--trainer.val_check_interval", "2", "--data.init_args.task.val_size", "4",
-                "--data.init_args.eval_batch_size", "4", "--data.init_args.micro_batch_size", "4",
-                "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
-                "--logs_dir", str(tmp_path / "logs"), "--checkpoints_dir", str(tmp_path / "ckpt"), "--name", "t"])
+    cli = fit_recipe("configs/dpo/arith.yaml", tmp_path, tiny_export, max_steps=2, extra=extra)
     assert cli.trainer.global_step == 2
     metrics = cli.trainer.callback_metrics
     for key in ("val/rewards/accuracies", "val/rewards/margins", "val/logps/chosen", "train/rewards/chosen"):

@@ -14,7 +14,7 @@ from lit_align.losses import AGG_MODES, IS_LEVELS, aggregate_loss, group_advanta
 from lit_align.rewards import RewardSpec
 from lit_align.rollout import RolloutBatch, SamplingParams
 from lit_align.train import main
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, fit_recipe, tiny_config
 
 G = 4
 
@@ -312,12 +312,7 @@ def test_kl_goes_into_the_loss_or_into_the_reward(agg):
 # -- recipes ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("algo", ["grpo", "gspo", "dapo"])
 def test_every_rl_recipe_trains_through_the_cli(tmp_path, tiny_export, algo):
-    cli = main(["fit", "--config", os.path.join(REPO, "configs", algo, "arith.yaml"),
-                "--model.init_args.model.pretrained", tiny_export, "--trainer.max_steps", "4",
-                "--trainer.val_check_interval", "2", "--data.init_args.task.val_size", "4",
-                "--data.init_args.eval_batch_size", "4", "--data.init_args.micro_batch_size", "4",
-                "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
-                "--logs_dir", str(tmp_path / "logs"), "--checkpoints_dir", str(tmp_path / "ckpt"), "--name", "t"])
+    cli = fit_recipe(f"configs/{algo}/arith.yaml", tmp_path, tiny_export)
     assert cli.trainer.global_step == 4
     metrics = cli.trainer.callback_metrics
     for key in ("val/exact_match", "train/reward/mean", "train/accuracy", "train/entropy"):

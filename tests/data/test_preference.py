@@ -13,7 +13,7 @@ from lit_align import ArithTask, PreferenceDataModule
 from lit_align.data import DataError
 from lit_align.data.encode import IGNORE_INDEX as IGN
 from lit_align.data.preference import split_common_prefix
-from tests.data.util import byte_tokenizer, labelled_texts, unlabelled_text, write_jsonl
+from tests.data.util import byte_tokenizer, encoded_module, labelled_texts, unlabelled_text, write_jsonl
 
 EOS = "</s>"
 EOS_ID = 1
@@ -46,12 +46,7 @@ def prompt_of(text: str) -> str:
 
 def module(tmp_path, rows, name="pairs.jsonl", **kwargs) -> PreferenceDataModule:
     """A PreferenceDataModule over ``rows`` written to a jsonl file, set up with the byte tokenizer."""
-    path = write_jsonl(tmp_path / name, rows)
-    kwargs.setdefault("max_length", 256)
-    dm = PreferenceDataModule(data_files=path, **kwargs)
-    dm.tokenizer = byte_tokenizer()
-    dm.setup("fit")
-    return dm
+    return encoded_module(tmp_path, rows, name, cls=PreferenceDataModule, **kwargs)
 
 
 def first_label(side: dict) -> int:

@@ -51,13 +51,14 @@ def write_jsonl(path, rows: list[dict]) -> str:
     return os.fspath(path)
 
 
-def encoded_module(tmp_path, rows: list[dict], name: str = "data.jsonl", **kwargs):
-    """An InstructionDataModule over ``rows`` written to a jsonl file, set up with the byte tokenizer."""
+def encoded_module(tmp_path, rows: list[dict], name: str = "data.jsonl", cls=None, **kwargs):
+    """A data module (default InstructionDataModule) over ``rows`` written to a jsonl file, set
+    up with the byte tokenizer."""
     from lit_align.data import InstructionDataModule
 
     path = write_jsonl(tmp_path / name, rows)
     kwargs.setdefault("max_length", 256)
-    dm = InstructionDataModule(data_files=path, **kwargs)
+    dm = (cls or InstructionDataModule)(data_files=path, **kwargs)
     dm.tokenizer = byte_tokenizer()
     dm.setup("fit")
     return dm
