@@ -125,6 +125,14 @@ class PPO(OnlineRLModule):
         # the current KL coefficient: adapted during training, saved and restored with checkpoints
         self.register_buffer("kl_coef", torch.tensor(float(beta), dtype=torch.float64))
 
+    def _apply(self, fn, *args, **kwargs):
+        # moves follow the module, but the coefficient stays float64 when precision plugins cast
+        # the weights (bf16 would round away the adaptive controller's small updates)
+        kl_coef = self.kl_coef
+        super()._apply(fn, *args, **kwargs)
+        self.kl_coef = kl_coef.to(self.kl_coef.device)
+        return self
+
     # -- models ---------------------------------------------------------------------
     def configure_model(self) -> None:
         super().configure_model()
@@ -136,8 +144,11 @@ class PPO(OnlineRLModule):
         steps = int(self.trainer.estimated_stepping_batches)
         steps = steps // 2 if self.trainer.max_steps not in (None, -1) else \
             steps * self.hparams.ppo_epochs * self.hparams.mini_batches
-        return [build_optimizer(self.optim, self.model.parameters(), max(steps, 1)),
-                build_optimizer(self.critic_optim, self.critic.parameters(), max(steps, 1))]
+        actor = build_optimizer(self.optim, self.model.parameters(), max(steps, 1))
+        critic = build_optimizer(self.critic_optim, self.critic.parameters(), max(steps, 1))
+        # distinct names: LearningRateMonitor logs two schedulers of the same name under one key
+        actor["lr_scheduler"]["name"], critic["lr_scheduler"]["name"] = "lr/actor", "lr/critic"
+        return [actor, critic]
 
     @torch.no_grad()
     def rollout_values(self, rollout: RolloutBatch) -> torch.Tensor:
@@ -255,5 +266,5 @@ class PPO(OnlineRLModule):
         out = {}
         for k, v in sums.items():
             # losses are shares that add up over a step's micro-batches; the rest are micro-batch means
-            out[k] = torch.tensor(v * world / steps if k in ("policy/pg_loss", "value/loss") else v / max(count, 1))
+            out[k] = torch.tensor(v * world / steps if k in ("policy/pg_loss", "value/loss", "entropy") else v / max(count, 1))
         return out

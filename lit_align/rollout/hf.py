@@ -3,6 +3,7 @@ teacher-forced log-probs of sampled completions."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -39,7 +40,18 @@ def _sharded(model: torch.nn.Module) -> bool:
     return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
-@torch.inference_mode()
+def _without_autograd(fn):
+    """Run ``fn(model, ...)`` under inference mode, or only under no_grad for a sharded model:
+    FSDP2 allocates its unsharded parameters at the first forward and reuses them, and tensors
+    made under inference mode cannot be written outside it (scoring and training forwards)."""
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with torch.no_grad(), torch.inference_mode(not _sharded(model)):
+            return fn(model, *args, **kwargs)
+    return wrapper
+
+
+@_without_autograd
 def hf_generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingParams,
                 pad_token_id: int, eos_token_id: int) -> torch.Tensor:
     """Sample completions for left-padded prompts ``[B, P]``; returns ``[B * n, C]`` completion
