@@ -9,7 +9,7 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from lit_align.train import main
-from tests.conftest import REPO, write_tiny_export
+from tests.conftest import REPO, stand_in_exports
 
 QUICKSTART = os.path.join(REPO, "configs", "sft", "arith.yaml")
 FAST = ["--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--data.init_args.task.val_size", "8",
@@ -66,14 +66,10 @@ def test_every_recipe_parses_and_instantiates(path, tmp_path):
     """Every recipe parses, instantiates and builds its model. Pipeline recipes start from an
     earlier stage's export under checkpoints/, absent from a fresh clone: a tiny export with
     the same layout stands in, so the recipe's own code path (load from a local dir) runs."""
-    args, export = ["--config", path], None
-    pretrained = (yaml.safe_load(open(path))["model"].get("init_args", {}).get("model") or {}).get("pretrained")
-    if isinstance(pretrained, str) and pretrained.startswith("checkpoints/"):
-        export = write_tiny_export(tmp_path / "export")
-        args += ["--model.init_args.model.pretrained", export]
-    cli = main(args, run=False)
+    stand_ins = stand_in_exports(os.path.relpath(path, REPO), tmp_path)
+    cli = main(["--config", path, *stand_ins], run=False)
     assert cli.model is not None and cli.datamodule is not None
-    if export is not None:
-        assert cli.model.spec.pretrained == export
+    if "--model.init_args.model.pretrained" in stand_ins:
+        assert cli.model.spec.pretrained == stand_ins[stand_ins.index("--model.init_args.model.pretrained") + 1]
     cli.model.configure_model()
     assert cli.model.model is not None

@@ -11,11 +11,11 @@ import torch
 from lit_align import PPO, ArithTask, CausalLMSpec, OptimSpec, PromptDataModule
 from lit_align.algorithms.ppo import AdaptiveKL, completion_values, explained_variance
 from lit_align.losses import gae, masked_whiten
-from lit_align.models import build_reward_model, build_tokenizer, token_scores
+from lit_align.models import token_scores
 from lit_align.rewards import RewardSpec
 from lit_align.rollout import RolloutBatch, SamplingParams
 from lit_align.train import main
-from tests.conftest import REPO, tiny_config
+from tests.conftest import REPO, stand_in_exports, tiny_config
 
 G = 4
 
@@ -445,34 +445,21 @@ def test_adaptive_kl_moves_the_coefficient_and_is_checkpointed(tmp_path):
 
 
 # -- recipes ---------------------------------------------------------------------------------
-def _tiny_rm_export(directory):
-    from lit_align.models import CausalLMSpec as Spec
-
-    tok = build_tokenizer("byte")
-    build_reward_model(Spec(config=tiny_config()), tok).save_pretrained(directory)
-    tok.save_pretrained(directory)
-    return str(directory)
-
-
 PPO_RECIPES = sorted(p for p in os.listdir(os.path.join(REPO, "configs", "ppo")) if p.endswith(".yaml"))
 
 
 @pytest.mark.parametrize("recipe", PPO_RECIPES)
-def test_every_ppo_recipe_trains_through_the_cli(tmp_path, tiny_export, recipe):
+def test_every_ppo_recipe_trains_through_the_cli(tmp_path, recipe):
     """4 optimizer steps (one epoch of one mini-batch: 2 per rollout, so 2 rollouts) from a tiny
     export; a recipe scoring with a reward model under checkpoints/ gets a tiny RM export,
     which also initialises the critic."""
-    path = os.path.join(REPO, "configs", "ppo", recipe)
-    args = ["fit", "--config", path, "--model.init_args.model.pretrained", tiny_export]
     import yaml
 
+    path = os.path.join(REPO, "configs", "ppo", recipe)
     init = yaml.safe_load(open(path))["model"]["init_args"]
-    rm = [r for r in init["rewards"] if r["name"] == "reward_model"]
-    if rm:
-        rm_dir = _tiny_rm_export(tmp_path / "rm")
-        args += ["--model.init_args.rewards", f"[{{name: reward_model, args: {{path: {rm_dir}}}}}]"]
-        if (init.get("value_model") or {}).get("pretrained"):
-            args += ["--model.init_args.value_model.pretrained", rm_dir]
+    rm = any(r["name"] == "reward_model" for r in init["rewards"])
+    rm_dir = str(tmp_path / "rm_export")  # where stand_in_exports writes a tiny RM
+    args = ["fit", "--config", path, *stand_in_exports(os.path.join("configs", "ppo", recipe), tmp_path)]
     args += ["--trainer.max_steps", "4", "--model.init_args.ppo_epochs", "1", "--model.init_args.mini_batches", "1",
              "--trainer.val_check_interval", "2", "--data.init_args.task.val_size", "4",
              "--data.init_args.eval_batch_size", "4", "--data.init_args.micro_batch_size", "4",
