@@ -105,3 +105,24 @@ def stand_in_exports(recipe: str, tmp_path) -> list[str]:
                    else r for r in rewards]
         args += ["--model.init_args.rewards", yaml.safe_dump(swapped, default_flow_style=True).strip()]
     return args
+
+
+def arith_prompts(prompts: int = 4, train_size: int = 16, **kwargs):
+    """A PromptDataModule over small 2-digit addition splits."""
+    from lit_align import ArithTask, PromptDataModule
+
+    return PromptDataModule(task=ArithTask(digits=2, train_size=train_size, val_size=4), max_length=16,
+                            micro_batch_size=prompts, eval_batch_size=4, **kwargs)
+
+
+def sample_rollout(module, prompts: int = 4, n: int = 4, seed: int = 0):
+    """``n`` sampled completions (4 new tokens, temperature 1) for each of the first ``prompts``
+    arith training prompts, from an online-RL module's policy and engine."""
+    from lit_align.rollout import SamplingParams
+
+    dm = arith_prompts(prompts)
+    dm.tokenizer = module.tokenizer
+    dm.setup("fit")
+    batch = dm.collate([[r] for r in dm.encoded["train"][:prompts]])
+    torch.manual_seed(seed)
+    return module.engine.generate(module.model, batch, SamplingParams(max_new_tokens=4, temperature=1.0, n=n))

@@ -22,9 +22,8 @@ from PIL import Image
 from lit_align.data.base import TextDataModule
 from lit_align.data.batching import collate_rows
 from lit_align.data.encode import IGNORE_INDEX, Dropped, encode_segments
-from lit_align.data.formats import (DEFAULT_COLUMNS, SHAREGPT_ROLES, DataError, Segment, Where, _with_system,
-                                    detect_format, normalize_messages, render_messages, row_to_segments)
-from lit_align.data.preference import PREFERENCE_COLUMNS, collate_pairs, encode_pair
+from lit_align.data.formats import (DEFAULT_COLUMNS, SHAREGPT_ROLES, DataError, Segment, Where, detect_format, normalize_messages, row_to_segments)
+from lit_align.data.preference import PREFERENCE_COLUMNS, collate_pairs, encode_pair, pair_segments
 from lit_align.data.tasks import ShapesTask
 
 KINDS = ("caption", "instruction", "preference")
@@ -317,15 +316,7 @@ class ImageInstructionDataModule(TextDataModule):
 
     def _segments(self, prompt, response, field: str, where: Where) -> tuple[list[Segment], list[Segment]]:
         """Prompt and response segments of one side of a pair, as the preference data renders them."""
-        if isinstance(prompt, str) and isinstance(response, str):
-            return [Segment(prompt, False)], [Segment(response, True)]
-        turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        if isinstance(response, str):
-            response = [{"role": "assistant", "content": response}]
-        msgs = _with_system(turns + response, self.hparams.system_prompt)
-        segs = render_messages(msgs, self.tokenizer, where, field, train_from=len(msgs) - len(response))
-        first = next(i for i, s in enumerate(segs) if s.train)
-        return segs[:first], segs[first:]
+        return pair_segments(prompt, response, self.tokenizer, self.hparams.system_prompt, field, where)
 
     def _encode_pair(self, row: dict, where: Where, n_images: int) -> dict:
         h, n, image_id = self.hparams, self.num_image_tokens, self._image_id

@@ -91,6 +91,22 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+
+def pair_segments(prompt, response, tokenizer, system_prompt: str | None, field: str, where: Where
+                  ) -> tuple[list[Segment], list[Segment]]:
+    """Prompt and response segments of one side of a pair: plain strings as they are, anything
+    with turns rendered with the chat template (the response as the trained assistant turns)."""
+    if isinstance(prompt, str) and isinstance(response, str):
+        return [Segment(prompt, False)], [Segment(response, True)]
+    turns = prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])
+    if isinstance(response, str):
+        response = [{"role": "assistant", "content": response}]
+    msgs = _with_system(turns + response, system_prompt)
+    segs = render_messages(msgs, tokenizer, where, field, train_from=len(msgs) - len(response))
+    first = next(i for i, s in enumerate(segs) if s.train)
+    return segs[:first], segs[first:]
+
+
 class PreferenceDataModule(TextDataModule):
     """Preference pairs for :class:`~lit_align.RewardModel` and :class:`~lit_align.DPO`.
 
@@ -179,15 +195,7 @@ class PreferenceDataModule(TextDataModule):
         raise where(c_name, "chosen and rejected must both be strings or both be lists of turns")
 
     def _segments(self, prompt, response, field: str, where: Where) -> tuple[list[Segment], list[Segment]]:
-        if isinstance(prompt, str) and isinstance(response, str):
-            return [Segment(prompt, False)], [Segment(response, True)]
-        turns = prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])
-        if isinstance(response, str):
-            response = [{"role": "assistant", "content": response}]
-        msgs = _with_system(turns + response, self.hparams.system_prompt)
-        segs = render_messages(msgs, self.tokenizer, where, field, train_from=len(msgs) - len(response))
-        first = next(i for i, s in enumerate(segs) if s.train)
-        return segs[:first], segs[first:]
+        return pair_segments(prompt, response, self.tokenizer, self.hparams.system_prompt, field, where)
 
     def encode_row(self, row: dict, fmt: str, where: Where) -> dict:
         h = self.hparams

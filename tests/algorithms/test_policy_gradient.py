@@ -9,12 +9,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from lit_align import DAPO, GRPO, GSPO, ArithTask, CausalLMSpec, OptimSpec, PolicyGradient, PromptDataModule
+from lit_align import DAPO, GRPO, GSPO, CausalLMSpec, OptimSpec, PolicyGradient
 from lit_align.losses import AGG_MODES, IS_LEVELS, aggregate_loss, group_advantages
 from lit_align.rewards import RewardSpec
 from lit_align.rollout import RolloutBatch, SamplingParams
 from lit_align.train import main
-from tests.conftest import REPO, fit_recipe, tiny_config
+from tests.conftest import REPO, arith_prompts, fit_recipe, sample_rollout, tiny_config
 
 G = 4
 
@@ -43,18 +43,11 @@ def _module(cls=PolicyGradient, **kw):
 
 
 def _data(prompts=4, train_size=16, **kw):
-    dm = PromptDataModule(task=ArithTask(digits=2, train_size=train_size, val_size=4), max_length=16,
-                          micro_batch_size=prompts, eval_batch_size=4, **kw)
-    return dm
+    return arith_prompts(prompts, train_size, **kw)
 
 
 def _rollout(m, prompts=4, seed=0) -> RolloutBatch:
-    dm = _data(prompts)
-    dm.tokenizer = m.tokenizer
-    dm.setup("fit")
-    batch = dm.collate([[r] for r in dm.encoded["train"][:prompts]])
-    torch.manual_seed(seed)
-    return m.engine.generate(m.model, batch, SamplingParams(max_new_tokens=4, temperature=1.0, n=G))
+    return sample_rollout(m, prompts, G, seed)
 
 
 def _trainer(tmp_path, max_steps, **kw):

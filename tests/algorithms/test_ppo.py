@@ -8,14 +8,14 @@ import lightning as L
 import pytest
 import torch
 
-from lit_align import PPO, ArithTask, CausalLMSpec, OptimSpec, PromptDataModule
+from lit_align import PPO, CausalLMSpec, OptimSpec
 from lit_align.algorithms.ppo import AdaptiveKL, completion_values, explained_variance
 from lit_align.losses import gae, masked_whiten
 from lit_align.models import token_scores
 from lit_align.rewards import RewardSpec
 from lit_align.rollout import RolloutBatch, SamplingParams
 from lit_align.train import main
-from tests.conftest import REPO, stand_in_exports, tiny_config
+from tests.conftest import REPO, arith_prompts, sample_rollout, stand_in_exports, tiny_config
 
 G = 4
 
@@ -41,18 +41,12 @@ def _module(build=True, **kw):
     return m
 
 
-def _data(prompts=4, train_size=16):
-    return PromptDataModule(task=ArithTask(digits=2, train_size=train_size, val_size=4), max_length=16,
-                            micro_batch_size=prompts, eval_batch_size=4)
+def _data(prompts=4, train_size=16, **kw):
+    return arith_prompts(prompts, train_size, **kw)
 
 
 def _rollout(m, prompts=4, seed=0) -> RolloutBatch:
-    dm = _data(prompts)
-    dm.tokenizer = m.tokenizer
-    dm.setup("fit")
-    batch = dm.collate([[r] for r in dm.encoded["train"][:prompts]])
-    torch.manual_seed(seed)
-    return m.engine.generate(m.model, batch, SamplingParams(max_new_tokens=4, temperature=1.0, n=G))
+    return sample_rollout(m, prompts, G, seed)
 
 
 def _trainer(tmp_path, max_steps, **kw):
