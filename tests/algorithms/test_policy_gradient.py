@@ -1,6 +1,7 @@
 """The policy-gradient module (GRPO / GSPO / DAPO): settings, first-update ratio, step-level
 loss normalisation (micro-batches and ranks), mu > 1, dynamic sampling, overlong filtering."""
 
+import glob
 import os
 
 import lightning as L
@@ -341,3 +342,17 @@ def test_reward_rises(tmp_path, cls):
     trainer.fit(m, datamodule=_data(prompts=16, train_size=200))
     start, end = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert start < 0.2 and end >= 0.8, (start, end)
+
+
+GRPO_DELTAS = sorted(glob.glob(os.path.join(REPO, "configs", "ablations", "grpo", "*.yaml")))
+
+
+@pytest.mark.parametrize("delta", GRPO_DELTAS, ids=os.path.basename)
+def test_every_grpo_ablation_trains_through_the_cli(tmp_path, tiny_export, delta):
+    import yaml
+
+    cli = fit_recipe("configs/grpo/arith.yaml", tmp_path, tiny_export, extra=["--config", delta])
+    assert cli.trainer.global_step == 4
+    for key, value in yaml.safe_load(open(delta))["model"]["init_args"].items():
+        assert cli.model.hparams[key] == value, key
+    assert torch.isfinite(cli.trainer.callback_metrics["train/reward/mean"])
