@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import Metric
 
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
-from lit_align.evaluation import ExactMatch
+from lit_align.evaluation import ExactMatch, GroupedExactMatch
 from lit_align.data.encode import IGNORE_INDEX
 from lit_align.losses import token_logprobs
 from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, is_peft, load_tokenizer, merged_copy
@@ -47,6 +47,9 @@ class CausalLMModule(L.LightningModule):
         self.model = None
         self.val_exact_match = ExactMatch()
         self.test_exact_match = ExactMatch()
+        # per-group exact match (``{stage}/exact_match/<group>``), built at the first held-out
+        # batch of a data module that names a grouping column (its groups are known only then)
+        self.grouped_exact_match = torch.nn.ModuleDict()
         self._tick = None
 
     # -- model ------------------------------------------------------------------
@@ -157,12 +160,38 @@ class CausalLMModule(L.LightningModule):
         metric = self.val_exact_match if stage == "val" else self.test_exact_match
         metric.update(correct)
         self.log(f"{stage}/exact_match", metric, on_step=False, on_epoch=True, batch_size=len(correct))
+        grouped = self._grouped_metric(dm, stage)
+        if grouped is not None:
+            grouped.update(correct, [str(m[dm.group_key]) for m in batch["meta"]])
         if batch_idx == 0 and self.num_logged_samples and isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
             prompts = self.tokenizer.batch_decode(batch["prompt_ids"][: self.num_logged_samples], skip_special_tokens=True)
             lines = [f"**prompt** `{p!r}`  \n**generated** `{c!r}`  \n**reference** `{r!r}`  \n**correct** {ok}"
                      for p, c, r, ok in zip(prompts, completions, batch["references"], correct)]
             self.logger.experiment.add_text(f"{stage}/samples", "\n\n---\n\n".join(lines), self.global_step)
         return completions
+
+    def _grouped_metric(self, dm, stage: str) -> GroupedExactMatch | None:
+        groups = dm.eval_groups() if dm is not None and hasattr(dm, "eval_groups") else None
+        if not groups:
+            return None
+        if stage not in self.grouped_exact_match or self.grouped_exact_match[stage].groups != groups:
+            self.grouped_exact_match[stage] = GroupedExactMatch(groups).to(self.device)
+        return self.grouped_exact_match[stage]
+
+    def _log_grouped(self, stage: str) -> None:
+        # computed (summed over processes) and reset here: its groups are only known at run time,
+        # so it cannot go through self.log as a Metric object the way the overall exact match does
+        if stage in self.grouped_exact_match:
+            metric = self.grouped_exact_match[stage]
+            values = metric.compute()
+            metric.reset()
+            self.log_dict({f"{stage}/exact_match/{g}": v for g, v in values.items()}, on_epoch=True)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_grouped("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_grouped("test")
 
     # -- export ---------------------------------------------------------------------
     def export_hf(self, directory: str) -> None:

@@ -41,6 +41,7 @@ class TextDataModule(L.LightningDataModule):
     """
 
     row_kind = "instruction"  # which rows a built-in task yields for this module
+    group_key: str | None = None  # a row column that splits held-out exact match (see eval_groups)
 
     def __init__(self, task=None, path: str | None = None, data_files: str | list[str] | dict[str, Any] | None = None,
                  name: str | None = None, train_split: str = "train", val_split: str | None = "validation",
@@ -132,6 +133,21 @@ class TextDataModule(L.LightningDataModule):
             if role != "train" and limit is not None:
                 ds = ds.select(range(min(limit, len(ds))))
             self.encoded[role] = self.encode_split(ds, role, source)
+
+    def eval_groups(self) -> list[str] | None:
+        """The values of ``group_key`` over the validation and test rows, sorted: the groups of
+        the per-group exact match. Computed from every row before the split across processes,
+        so each process holds the same groups. A row without the column is a located error."""
+        if self.group_key is None:
+            return None
+        values = set()
+        for role in ("validation", "test"):
+            for i, row in enumerate(self.encoded.get(role, [])):
+                if self.group_key not in row["meta"]:
+                    raise DataError(f"{role} row {i}: no column {self.group_key!r} to group metrics by "
+                                    f"(columns: {sorted(row['meta'])})")
+                values.add(str(row["meta"][self.group_key]))
+        return sorted(values)
 
     # -- loaders ----------------------------------------------------------------
     @property

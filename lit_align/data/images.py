@@ -79,6 +79,10 @@ class ImageInstructionDataModule(TextDataModule):
         packing: not supported with images (must stay ``False``).
         group_by_length: batch rows of similar length together.
         max_eval_rows / num_workers / seed: see :class:`~lit_align.data.base.TextDataModule`.
+        group_metrics_by: a row column (e.g. a question category) whose values split held-out
+            exact match into ``val/exact_match/<value>``; default with the ``shapes`` task:
+            ``question_type`` (so DPO on triplets logs ``val/exact_match/unanswerable``, the
+            share of unanswerable questions declined rather than answered with a made-up fact).
 
     Rows: ``instruction``/``caption`` rows are a conversation (``conversations`` with
     ``from``/``value``, or ``messages``, ``prompt``/``completion``, alpaca) plus the image
@@ -113,7 +117,8 @@ class ImageInstructionDataModule(TextDataModule):
                  system_prompt: str | None = None, train_split: str = "train", val_split: str | None = "validation",
                  test_split: str | None = "test", val_fraction: float = 0.0, max_length: int = 1024,
                  micro_batch_size: int = 8, eval_batch_size: int = 64, packing: bool = False,
-                 group_by_length: bool = False, max_eval_rows: int | None = None, num_workers: int = 0, seed: int = 0):
+                 group_by_length: bool = False, max_eval_rows: int | None = None, num_workers: int = 0, seed: int = 0,
+                 group_metrics_by: str | None = None):
         super().__init__(task=task, path=path, data_files=data_files, name=name, train_split=train_split,
                          val_split=val_split, test_split=test_split, val_fraction=val_fraction, max_length=max_length,
                          truncation="drop", micro_batch_size=micro_batch_size, eval_batch_size=eval_batch_size,
@@ -126,6 +131,7 @@ class ImageInstructionDataModule(TextDataModule):
             raise ValueError("data.image_token: must be a non-empty string")
         self.save_hyperparameters(ignore=["task"])
         self.row_kind = kind
+        self.group_key = group_metrics_by or ("question_type" if self.uses_task else None)
         self.image_transform: Callable[[Image.Image], torch.Tensor] | None = None
         self.num_image_tokens: int | None = None
         self._image_id: int | None = None

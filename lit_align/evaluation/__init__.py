@@ -1,5 +1,5 @@
 """Evaluation: metrics and generation-based checks."""
 
-from lit_align.evaluation.metrics import ExactMatch
+from lit_align.evaluation.metrics import ExactMatch, GroupedExactMatch
 
-__all__ = ["ExactMatch"]
+__all__ = ["ExactMatch", "GroupedExactMatch"]

@@ -2,6 +2,7 @@
 the export round trip and invalid settings."""
 
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -101,6 +102,11 @@ def test_stage1_stage2_dpo_chain_through_the_cli(tmp_path):
     metrics = dpo.trainer.callback_metrics
     for key in ("val/rewards/accuracies", "val/rewards/margins", "train/rewards/chosen", "val/exact_match"):
         assert key in metrics and torch.isfinite(metrics[key]), key
+    # exact match per question type (unanswerable: refusals); weighted by the types' row counts
+    # the groups give back the overall figure
+    counts = Counter(r["meta"]["question_type"] for r in dpo.datamodule.encoded["validation"])
+    overall = sum(metrics[f"val/exact_match/{g}"].item() * n for g, n in counts.items()) / sum(counts.values())
+    assert overall == pytest.approx(metrics["val/exact_match"].item())
     assert os.path.exists(tmp_path / "dpo" / "ckpt" / "t" / "hf" / "llava_config.json")
     # the DPO reference is the stage-2 model, frozen
     ref = dpo.model.ref_model

@@ -111,26 +111,27 @@ def test_resume_continues_at_the_same_step_and_batch(tmp_path):
 
 @pytest.mark.slow
 def test_sft_learns_two_digit_addition(tmp_path):
-    """A 2x128 Llama from scratch: held-out exact match rises from ~0 to >= 80% in 750 steps.
+    """The quickstart's model and schedule: a 2x128 Llama from scratch, held-out greedy exact
+    match from ~0 to >= 90% in 1,500 steps (about a minute).
 
-    The schedule spans the quickstart's 1,500 steps; stopping at 750 keeps the test under a
-    minute. Measured with this seed: 6-11% up to step 500, then 59% at 625 and 99.7% at 750.
+    Accuracy on this task jumps late and at a step that moves with the seed and the machine
+    (measured: 6-11% up to step 500, then anywhere from 60% to 99% at step 750), so the test
+    runs the whole cosine schedule, which ends at 99-100%, instead of stopping mid-jump.
     """
     L.seed_everything(0)
     module = SFT(model=CausalLMSpec(config=dict(model_type="llama", hidden_size=128, intermediate_size=512,
                                                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                                 max_position_embeddings=64, tie_word_embeddings=True)),
-                 optim=OptimSpec(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.98), warmup_steps=100,
-                                   total_steps=1500),
+                 optim=OptimSpec(lr=3e-3, weight_decay=0.1, betas=(0.9, 0.98), warmup_steps=100),
                  eval_max_new_tokens=6)
     data = InstructionDataModule(task=ArithTask(digits=2, val_size=300), max_length=32, micro_batch_size=128,
                                  group_by_length=False, eval_batch_size=300)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, max_steps=750,
-                        gradient_clip_val=1.0, limit_val_batches=1.0, val_check_interval=750,
+                        enable_progress_bar=False, enable_model_summary=False, max_steps=1500,
+                        gradient_clip_val=1.0, limit_val_batches=1.0, val_check_interval=1500,
                         check_val_every_n_epoch=None, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
     before = trainer.validate(module, datamodule=data, verbose=False)[0]["val/exact_match"]
     trainer.fit(module, datamodule=data)
     after = trainer.callback_metrics["val/exact_match"].item()
     assert before < 0.05
-    assert after >= 0.8, after
+    assert after >= 0.9, after
