@@ -109,6 +109,25 @@ class CausalLMModule(L.LightningModule):
         labels = batch["labels"][:, 1:]
         return token_logprobs(logits, labels.clamp(min=0)), labels != IGNORE_INDEX
 
+    def on_fit_start(self) -> None:
+        clip = self.trainer.gradient_clip_val
+        if self.automatic_optimization and clip is not None and clip != self.optim.grad_clip:
+            raise ValueError(f"gradient clipping set twice: trainer.gradient_clip_val={clip} and "
+                             f"optim.grad_clip={self.optim.grad_clip}; set optim.grad_clip (null: no clipping)")
+
+    def on_train_start(self) -> None:
+        # the data module's row counts (kept, dropped and truncated per split and reason): in the
+        # logs beside the run, not only in the console
+        stats = getattr(getattr(self.trainer, "datamodule", None), "stats", None)
+        if stats and self.logger is not None and self.global_rank == 0:
+            self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=self.global_step)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # one setting for every module: optim.grad_clip (manual ones clip in their own step)
+        if self.optim.grad_clip is not None:
+            self.clip_gradients(optimizer, gradient_clip_val=self.optim.grad_clip,
+                                gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
     def configure_optimizers(self):
         return build_optimizer(self.optim, self.model.parameters(), int(self.trainer.estimated_stepping_batches))
 
@@ -128,9 +147,16 @@ class CausalLMModule(L.LightningModule):
         self._tick = time.perf_counter()
 
     def log_throughput(self, batch: dict) -> None:
-        if self._tick is not None:
-            tokens = batch["input_ids"].numel() if "attention_mask" not in batch else batch["attention_mask"].sum()
-            self.log("train/tokens_per_s", float(tokens) / max(time.perf_counter() - self._tick, 1e-9))
+        """Ask for ``train/tokens_per_s`` of this micro-batch (non-pad tokens over the time from
+        the batch's start to its end: forward, backward and, on the last micro-batch of a step,
+        the optimizer step). Logged in ``on_train_batch_end``, once that time is known."""
+        tokens = batch["input_ids"].numel() if "attention_mask" not in batch else batch["attention_mask"].sum()
+        self._tokens = float(tokens)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        tokens, self._tokens = getattr(self, "_tokens", None), None
+        if self._tick is not None and tokens is not None:
+            self.log("train/tokens_per_s", tokens / max(time.perf_counter() - self._tick, 1e-9))
 
     def on_before_optimizer_step(self, optimizer) -> None:
         norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
@@ -194,15 +220,20 @@ class CausalLMModule(L.LightningModule):
         self._log_grouped("test")
 
     # -- export ---------------------------------------------------------------------
+    def gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The policy's full state dict gathered to CPU when it is sharded (FSDP2), else ``None``
+        (the module's own weights are complete). Collective: every rank calls it."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        if not any(hasattr(p, "full_tensor") for p in self.model.parameters()):
+            return None
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
     def export_hf(self, directory: str) -> None:
         """Save the model and tokenizer with ``save_pretrained`` (gathers sharded weights).
 
         Collective under sharding: every rank calls it, rank 0 writes."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sharded = any(hasattr(p, "full_tensor") for p in self.model.parameters())
-        state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)) \
-            if sharded else None
+        state = self.gathered_state_dict()
         if self.global_rank == 0:
             os.makedirs(directory, exist_ok=True)
             # adapters are folded into the weights: the export loads as a plain HF model

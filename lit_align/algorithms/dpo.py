@@ -90,9 +90,16 @@ class DPO(CausalLMModule):
                 return self._pair_logps(base, batch)[:2]
         raise RuntimeError("DPO: no reference log-probs (precompute_ref_logps ran on a different dataset?)")
 
-    def on_fit_start(self) -> None:
+    def _precompute_if_asked(self) -> None:
         if self.hparams.precompute_ref_logps:
             self.precompute_reference(self.trainer.datamodule)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._precompute_if_asked()
+
+    # `validate` and `test` runs never pass through on_fit_start
+    on_validation_start = on_test_start = _precompute_if_asked
 
     @torch.no_grad()
     def precompute_reference(self, datamodule) -> None:
@@ -101,11 +108,13 @@ class DPO(CausalLMModule):
         Computed with a freshly built reference (or the adapter-free base), so a resumed
         run gets the same values as the first one.
         """
+        pending = [[r for r in rows if "ref_chosen" not in r] for rows in datamodule.encoded.values()]
+        if not any(pending):
+            return
         ref = None if is_peft(self.model) else self.build_frozen(self.ref_spec)
         batch_size = datamodule.hparams.eval_batch_size
         pad_id = self.tokenizer.pad_token_id
-        for rows in datamodule.encoded.values():
-            todo = [r for r in rows if "ref_chosen" not in r]
+        for todo in pending:
             for s in range(0, len(todo), batch_size):
                 chunk = todo[s: s + batch_size]
                 batch = {k: v.to(self.device) for k, v in collate_pairs(chunk, pad_id).items()}

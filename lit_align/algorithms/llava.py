@@ -34,7 +34,12 @@ def _resolve(model: CausalLMSpec | None, vision_tower: VisionTowerSpec | None, p
         saved = json.load(f)
     if projector is not None and projector != saved["projector"]:
         raise ValueError(f"LLaVA.projector: {projector!r} differs from the export's {saved['projector']!r} in {init_from}")
-    model = model or CausalLMSpec(pretrained=os.path.join(init_from, LM_DIR))
+    lm_dir = os.path.join(init_from, LM_DIR)
+    if model is not None and (model.pretrained is None or os.path.abspath(model.pretrained) != os.path.abspath(lm_dir)):
+        # a different LM would silently throw away the stage's trained language model
+        raise ValueError(f"LLaVA.model: with init_from the language model is the export's ({lm_dir}); leave `model` "
+                         f"unset, or set model.pretrained to {lm_dir} to change its dtype or attention")
+    model = model or CausalLMSpec(pretrained=lm_dir)
     return model, vision_tower or VisionTowerSpec(**saved["vision_tower"]), saved["projector"]
 
 
@@ -72,8 +77,13 @@ class LlavaMixin:
         return LlavaModel(tower, projector, lm, self.image_token_id)
 
     def configure_model(self) -> None:
+        if getattr(self, "device_mesh", None) is not None:
+            # image features are spliced in before the LM's forward (embed, generate): outside the
+            # root forward that would gather FSDP2's sharded embedding, tower and projector
+            raise ValueError(f"{type(self).__name__}: FSDP2 (ModelParallelStrategy) is not supported for LLaVA "
+                             "models; use strategy ddp or a single device")
         if self.model is None:
-            self.model = self.shard(self._build_llava())
+            self.model = self._build_llava()
         super().configure_model()
 
     def build_frozen(self, spec) -> torch.nn.Module:

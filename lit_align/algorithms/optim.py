@@ -19,20 +19,23 @@ class OptimSpec:
         weight_decay: decoupled weight decay, not applied to biases and norm weights (1-D parameters).
         betas: Adam betas.
         eps: Adam epsilon.
-        warmup_steps: optimizer steps of linear warm-up from 0.
+        warmup_steps: optimizer steps of linear warm-up from 0; ``None`` (the default): a
+            ``warmup_ratio`` share of the schedule's steps.
+        warmup_ratio: the warm-up's share of the schedule when ``warmup_steps`` is ``None``.
         schedule: ``cosine``, ``linear`` or ``constant`` after warm-up.
         min_lr_ratio: the final learning rate as a fraction of ``lr``.
         total_steps: optimizer steps the schedule spans; ``None`` takes the trainer's estimate
             (``max_steps``, or epochs x batches / accumulation).
-        grad_clip: clip the global gradient norm to this value (``None``: no clipping). Used by
-            manually optimised modules; automatic ones use the trainer's ``gradient_clip_val``.
+        grad_clip: clip the global gradient norm to this value (``None``: no clipping), in every
+            module; the trainer's ``gradient_clip_val`` may only repeat it.
     """
 
     lr: float = 1e-4
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
-    warmup_steps: int = 0
+    warmup_steps: int | None = None
+    warmup_ratio: float = 0.03
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     total_steps: int | None = None
@@ -41,9 +44,28 @@ class OptimSpec:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule: {self.schedule!r} is not one of {SCHEDULES}")
-        if self.lr <= 0 or self.warmup_steps < 0 or not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError("optim: need lr > 0, warmup_steps >= 0 and 0 <= min_lr_ratio <= 1")
+        problems = [f"lr={self.lr} must be > 0"] if self.lr <= 0 else []
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            problems.append(f"warmup_steps={self.warmup_steps} must be >= 0")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(f"warmup_ratio={self.warmup_ratio} must be in [0, 1)")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.weight_decay < 0 or self.eps <= 0:
+            problems.append(f"weight_decay={self.weight_decay} must be >= 0 and eps={self.eps} > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            problems.append(f"betas={list(self.betas)} must be two numbers in [0, 1)")
+        if self.total_steps is not None and self.total_steps < 1:
+            problems.append(f"total_steps={self.total_steps} must be >= 1")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            problems.append(f"grad_clip={self.grad_clip} must be > 0 (null: no clipping)")
+        if problems:
+            raise ValueError("optim: " + "; ".join(problems))
         self.betas = tuple(self.betas)
+
+    def warmup(self, total_steps: int) -> int:
+        """Warm-up steps of a schedule spanning ``total_steps``."""
+        return self.warmup_steps if self.warmup_steps is not None else int(self.warmup_ratio * total_steps)
 
 
 def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -69,5 +91,5 @@ def build_optimizer(spec: OptimSpec, params, total_steps: int) -> dict:
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, betas=spec.betas, eps=spec.eps)
     total = spec.total_steps or total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, spec.warmup_steps, total, spec.schedule, spec.min_lr_ratio))
+        optimizer, lambda s: lr_factor(s, spec.warmup(total), total, spec.schedule, spec.min_lr_ratio))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"}}

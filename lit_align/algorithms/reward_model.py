@@ -70,7 +70,7 @@ class RewardModel(CausalLMModule):
             self.model = build_reward_model(self.spec, self.tokenizer)
             # from_pretrained returns eval mode; train like a freshly built model (dropout on where the
             # architecture has it) and let Lightning switch to eval for validation.
-            self.model.train()
+            self.model = self.shard(self.model.train())
 
     def score_generations(self, batch: dict, stage: str, batch_idx: int) -> None:
         """Reward models are evaluated on pairs, never by generation."""

@@ -114,8 +114,11 @@ def load_tokenizer(spec: CausalLMSpec, padding_side: str = "right") -> PreTraine
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> set[type]:
-    """Classes of the transformer blocks (used as FSDP wrap units): ``_no_split_modules``."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
+    """Classes of the transformer blocks (used as FSDP wrap units): the ``_no_split_modules``
+    of the model and of every model inside it (a LLaVA model's language model)."""
+    names = set()
+    for m in model.modules():
+        names |= set(getattr(m, "_no_split_modules", None) or [])
     return {type(m) for m in model.modules() if type(m).__name__ in names}
 
 

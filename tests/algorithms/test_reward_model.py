@@ -301,7 +301,7 @@ def test_reward_model_learns_to_rank_correct_sums(tmp_path):
     data = PreferenceDataModule(data_files=files, max_length=32, micro_batch_size=64, group_by_length=False,
                                 eval_batch_size=300)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, max_steps=500, gradient_clip_val=1.0,
+                        enable_progress_bar=False, enable_model_summary=False, max_steps=500,
                         val_check_interval=500, check_val_every_n_epoch=None, num_sanity_val_steps=0,
                         default_root_dir=str(tmp_path))
     before = trainer.validate(module, datamodule=data, verbose=False)[0]["val/accuracy"]

@@ -128,7 +128,7 @@ def test_sft_learns_two_digit_addition(tmp_path):
                                  group_by_length=False, eval_batch_size=300)
     trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, max_steps=1500,
-                        gradient_clip_val=1.0, limit_val_batches=1.0, val_check_interval=1500,
+                        limit_val_batches=1.0, val_check_interval=1500,
                         check_val_every_n_epoch=None, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
     before = trainer.validate(module, datamodule=data, verbose=False)[0]["val/exact_match"]
     trainer.fit(module, datamodule=data)
