@@ -26,10 +26,16 @@ class TextDataModule(L.LightningDataModule):
         path: hub id, local folder, or a local json/jsonl/parquet/csv file.
         data_files: files for ``datasets``' json/csv/parquet builders (a dict maps splits to files).
         name: dataset configuration name.
-        train_split / val_split / test_split: split names; a missing validation split
-            is taken from train with ``val_fraction``.
+        train_split / val_split / test_split: split names. The train split must exist; so must a
+            held-out split set to a name other than its default (``validation``, ``test``), or
+            setup fails naming the splits the source has. The defaults are optional: without a
+            validation split one is taken from train with ``val_fraction`` (0: none), without a
+            test split there is none. ``None`` skips a held-out split.
         max_length: longest sequence in tokens.
-        truncation: ``prompt`` (cut the prompt side, then the end) or ``drop`` for rows longer than ``max_length``.
+        truncation: ``prompt`` (cut the prompt side, then the end) or ``drop`` for rows longer than
+            ``max_length``. Cut rows are counted in :attr:`stats` (``data/<split>_truncated_prompt``,
+            ``data/<split>_truncated_response``: a response cut at the end has lost its EOS), dropped
+            rows too (``data/<split>_dropped_<reason>``).
         micro_batch_size: rows per micro-batch per device.
         eval_batch_size: rows per validation / test batch.
         max_eval_rows: cap on validation / test rows (``None``: all).
@@ -38,6 +44,8 @@ class TextDataModule(L.LightningDataModule):
 
     The tokenizer comes from the LightningModule (``model.tokenizer``) at ``setup``,
     so model and data always agree; set ``tokenizer`` by hand to use the module alone.
+    After ``setup``, ``stats`` holds counts to log: ``data/<split>_rows`` and the truncated
+    and dropped rows per split.
     """
 
     row_kind = "instruction"  # which rows a built-in task yields for this module
@@ -64,11 +72,14 @@ class TextDataModule(L.LightningDataModule):
 
     # -- to define in subclasses ----------------------------------------------------
     def encode_row(self, row: dict, fmt: str, where: Where) -> dict:
-        """One encoded row (with ``length`` and ``num_labels``); raise :class:`Dropped` to skip it."""
+        """One encoded row (with ``length`` and ``num_labels``, and optionally ``truncated``: the
+        parts cut to fit, among ``"prompt"`` and ``"response"``, which are counted and removed);
+        raise :class:`Dropped` to skip it."""
         raise NotImplementedError
 
     def row_format(self, columns: list[str]) -> str:
-        """The format of a split, from its columns or the ``format`` setting."""
+        """The format of a split, from its columns or the ``format`` setting. A :class:`DataError`
+        raised here is reported with the split's source and name."""
         raise NotImplementedError
 
     def used_columns(self) -> set[str]:
@@ -88,19 +99,25 @@ class TextDataModule(L.LightningDataModule):
         return [[i] for i in range(len(rows))]
 
     # -- loading ----------------------------------------------------------------
-    def _raw_splits(self):
+    def _raw_splits(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """``({role: Dataset}, {role: source})``, each source naming that split's own files."""
         h = self.hparams
         if h.path is None and h.data_files is None:
-            return task_splits(self.task.rows(self.row_kind)), f"task {type(self.task).__name__}"
+            splits = task_splits(self.task.rows(self.row_kind))
+            return splits, {role: f"task {type(self.task).__name__}" for role in splits}
         return load_splits(h.path, h.data_files, h.name,
                            {"train": h.train_split, "validation": h.val_split, "test": h.test_split},
                            h.val_fraction, h.seed)
 
     def encode_split(self, dataset, split: str, source: str) -> list[dict]:
-        """Encode every row of a split; bad rows raise :class:`DataError`, dropped rows are counted."""
-        fmt = self.row_format(list(dataset.column_names))
+        """Encode every row of a split; bad rows raise :class:`DataError`, dropped and truncated
+        rows are counted in :attr:`stats` and summed up in one log line."""
+        try:
+            fmt = self.row_format([c for c in dataset.column_names if c != ROW_COLUMN])
+        except DataError as e:
+            raise DataError(f"{source} [{split}]: {e}") from None
         used = self.used_columns()
-        out, dropped = [], Counter()
+        out, dropped, cut = [], Counter(), Counter()
         for i, row in enumerate(dataset):
             where = Where(source, split, row.pop(ROW_COLUMN, i))  # the row's number in the source
             try:
@@ -108,13 +125,22 @@ class TextDataModule(L.LightningDataModule):
             except Dropped as d:
                 dropped[d.reason] += 1
                 continue
+            cut.update(enc.pop("truncated", ()))
             enc["meta"] = {k: v for k, v in row.items() if k not in used and isinstance(v, SCALARS)}
             out.append(enc)
         for reason, n in dropped.items():
             self.stats[f"data/{split}_dropped_{reason.replace(' ', '_')}"] = n
+        for part, n in cut.items():
+            self.stats[f"data/{split}_truncated_{part}"] = n
         self.stats[f"data/{split}_rows"] = len(out)
-        if dropped:
-            rank_zero_info(f"{source} [{split}]: dropped {dict(dropped)} of {len(dataset)} rows")
+        notes = [f"dropped {dict(dropped)} of {len(dataset)} rows"] if dropped else []
+        if cut:
+            parts = {"prompt": "prompts (from the start)", "response": "responses (at the end, losing their EOS)"}
+            order = [p for p in parts if p in cut] + sorted(set(cut) - set(parts))
+            notes.append(f"truncated to max_length={self.hparams.max_length}: "
+                         + ", ".join(f"{cut[part]} {parts.get(part, part)}" for part in order))
+        if notes:
+            rank_zero_info(f"{source} [{split}]: " + "; ".join(notes))
         if not out:
             raise DataError(f"{source} [{split}]: no usable rows (dropped: {dict(dropped)})")
         return out
@@ -127,25 +153,30 @@ class TextDataModule(L.LightningDataModule):
                 raise ValueError(f"{type(self).__name__} needs a tokenizer: from the model at setup, or set `.tokenizer`")
         if self.encoded:
             return
-        splits, source = self._raw_splits()
+        splits, sources = self._raw_splits()
         limit = self.hparams.max_eval_rows
         for role, ds in splits.items():
             if role != "train" and limit is not None:
                 ds = ds.select(range(min(limit, len(ds))))
-            self.encoded[role] = self.encode_split(ds, role, source)
+            self.encoded[role] = self.encode_split(ds, role, sources[role])
 
     def eval_groups(self) -> list[str] | None:
         """The values of ``group_key`` over the validation and test rows, sorted: the groups of
         the per-group exact match. Computed from every row before the split across processes,
-        so each process holds the same groups. A row without the column is a located error."""
+        so each process holds the same groups. A row without the column is an error naming the
+        row's source, split and number there when the encoded row keeps its :class:`Where`
+        (``row["where"]``), else its position among the split's kept rows."""
         if self.group_key is None:
             return None
         values = set()
         for role in ("validation", "test"):
             for i, row in enumerate(self.encoded.get(role, [])):
                 if self.group_key not in row["meta"]:
-                    raise DataError(f"{role} row {i}: no column {self.group_key!r} to group metrics by "
-                                    f"(columns: {sorted(row['meta'])})")
+                    problem = f"no column to group metrics by (columns: {sorted(row['meta'])})"
+                    where = row.get("where")
+                    if isinstance(where, Where):
+                        raise where(self.group_key, problem)
+                    raise DataError(f"{role} row {i} (position after dropped rows), field {self.group_key!r}: {problem}")
                 values.add(str(row["meta"][self.group_key]))
         return sorted(values)
 

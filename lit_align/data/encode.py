@@ -54,11 +54,14 @@ def encode_segments(segments: list[Segment], tokenizer, max_length: int, truncat
     Returns ``input_ids`` ``[T]``, ``labels`` ``[T]`` (``-100`` off the trained
     segments and on the first position, which nothing predicts), ``prompt_ids``
     (everything before the last trained segment: the generation prompt), and
-    ``reference`` (the last trained segment's text, the exact-match target).
+    ``reference`` (the last trained segment's text, the exact-match target) and
+    ``truncated`` (what was cut to fit: ``"prompt"`` and / or ``"response"``; empty when
+    nothing was; the data module counts it).
 
     Every trained segment ends with EOS (appended when the text does not produce
     it). Too long: ``truncation="prompt"`` removes tokens from the start of the
-    sequence up to the first label, then from the end; ``"drop"`` drops the row.
+    sequence up to the first label, then from the end, as TRL does, so a response cut
+    at the end has no EOS; ``"drop"`` drops the row.
     Raises :class:`Dropped` when nothing is left to learn.
     """
     if truncation not in TRUNCATION:
@@ -67,12 +70,14 @@ def encode_segments(segments: list[Segment], tokenizer, max_length: int, truncat
     if not any(seg.train for seg in segments):
         raise Dropped("no completion")
     prompt_len = last_start
+    truncated: list[str] = []
     if len(ids) > max_length:
         if truncation == "drop":
             raise Dropped("too long")
         first_label = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
         cut = min(len(ids) - max_length, max(first_label - 1, 0))  # keep one token before the first label
         ids, labels, prompt_len = ids[cut:], labels[cut:], max(prompt_len - cut, 0)
+        truncated = (["prompt"] if cut else []) + (["response"] if len(ids) > max_length else [])
         ids, labels = ids[:max_length], labels[:max_length]
     labels[0] = IGNORE_INDEX
     if all(label == IGNORE_INDEX for label in labels):
@@ -88,4 +93,5 @@ def encode_segments(segments: list[Segment], tokenizer, max_length: int, truncat
         "reference": reference.strip(),
         "num_labels": sum(label != IGNORE_INDEX for label in labels),
         "length": len(ids),
+        "truncated": tuple(truncated),
     }

@@ -24,6 +24,10 @@ DEFAULT_COLUMNS = {
 }
 
 
+PLAIN_TEXT_SYSTEM = ("system_prompt is set, but {rows} are used as written, without the chat template that would"
+                     " hold a system turn; {fix} or unset system_prompt")
+
+
 class DataError(ValueError):
     """A row that cannot be used; the message names the source, row and field."""
 
@@ -133,7 +137,12 @@ def render_messages(messages: list[dict], tokenizer, where: Where, field: str, t
 
 def row_to_segments(row: Mapping[str, Any], fmt: str, names: Mapping[str, str], tokenizer, where: Where,
                     system_prompt: str | None = None) -> list[Segment]:
-    """Segments of one row in format ``fmt`` (not ``auto``)."""
+    """Segments of one row in format ``fmt`` (not ``auto``).
+
+    ``system_prompt`` is added to conversations rendered with the chat template. Plain-text
+    rows (string prompt/completion, Alpaca) are used as written, never templated (as TRL
+    treats non-conversational data), so a ``system_prompt`` with them is a located error
+    rather than a setting silently left out."""
     if fmt == "prompt_completion":
         prompt, completion = row.get(names["prompt"]), row.get(names["completion"])
         if isinstance(prompt, list) or isinstance(completion, list):  # conversational prompt/completion
@@ -141,8 +150,12 @@ def row_to_segments(row: Mapping[str, Any], fmt: str, names: Mapping[str, str], 
             c = normalize_messages(completion, names["completion"], where)
             msgs = _with_system(p + c, system_prompt)
             return render_messages(msgs, tokenizer, where, names["completion"], train_from=len(msgs) - len(c))
-        return [Segment(_text(row, names["prompt"], where, allow_empty=True), False),
-                Segment(_text(row, names["completion"], where), True)]
+        segments = [Segment(_text(row, names["prompt"], where, allow_empty=True), False),
+                    Segment(_text(row, names["completion"], where), True)]
+        if system_prompt:
+            raise where(names["prompt"], PLAIN_TEXT_SYSTEM.format(rows="string prompt/completion rows",
+                                                                  fix="give prompt and completion as lists of turns"))
+        return segments
     if fmt == "messages":
         if names["messages"] not in row:
             raise where(names["messages"], "missing column")
@@ -155,6 +168,9 @@ def row_to_segments(row: Mapping[str, Any], fmt: str, names: Mapping[str, str], 
                                   role_key="from", content_key="value", role_map=SHAREGPT_ROLES)
         return render_messages(_with_system(msgs, system_prompt), tokenizer, where, names["conversations"])
     if fmt == "alpaca":
+        if system_prompt:
+            raise where(names["instruction"], PLAIN_TEXT_SYSTEM.format(rows="Alpaca rows",
+                                                                       fix="convert the rows to messages"))
         instruction = _text(row, names["instruction"], where)
         inp = row.get(names["input"]) or ""
         if not isinstance(inp, str):

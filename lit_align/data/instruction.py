@@ -19,14 +19,19 @@ class InstructionDataModule(TextDataModule):
         path: hub id, local folder, or a local json/jsonl/parquet/csv file.
         data_files: files for ``datasets``' json/csv/parquet builders (a dict maps splits to files).
         name: dataset configuration name.
-        train_split / val_split / test_split: split names; a missing validation split
-            is taken from train with ``val_fraction``.
+        train_split / val_split / test_split: split names; a split set to a name other than its
+            default must exist. A missing ``validation`` split is taken from train with
+            ``val_fraction``; a missing ``test`` split is none.
         format: ``auto`` (from the columns), ``prompt_completion``, ``messages``,
             ``alpaca`` (instruction/input/output) or ``sharegpt`` (conversations with from/value).
         columns: renames of the standard columns, e.g. ``{prompt: question, completion: answer}``.
-        system_prompt: a system turn added to conversations that have none.
+        system_prompt: a system turn added to conversations (messages, sharegpt, prompt/completion
+            given as lists of turns) that have none. String prompt/completion and Alpaca rows are
+            used as written, not rendered with the chat template (as in TRL), so a ``system_prompt``
+            with them is an error: at construction with ``format: alpaca``, else at setup.
         max_length: longest sequence in tokens (packed sequences too).
-        truncation: ``prompt`` (cut the prompt side, then the end) or ``drop`` for rows longer than ``max_length``.
+        truncation: ``prompt`` (cut the prompt side, then the end, which loses the EOS) or ``drop``
+            for rows longer than ``max_length``; both are counted in ``stats``.
         micro_batch_size: rows (or packed sequences) per micro-batch per device.
         eval_batch_size: rows per validation / test batch.
         packing: pack several rows into each sequence, with no attention across rows.
@@ -53,6 +58,9 @@ class InstructionDataModule(TextDataModule):
                          max_eval_rows=max_eval_rows, num_workers=num_workers, seed=seed)
         if format not in FORMATS:
             raise ValueError(f"data.format: {format!r} is not one of {FORMATS}")
+        if format == "alpaca" and system_prompt:
+            raise ValueError("data: system_prompt needs chat-templated rows; format 'alpaca' uses the fixed Alpaca"
+                             " prompt as written (convert the rows to messages, or unset system_prompt)")
         unknown = set(columns or {}) - set(DEFAULT_COLUMNS)
         if unknown:
             raise ValueError(f"data.columns: unknown keys {sorted(unknown)} (known: {sorted(DEFAULT_COLUMNS)})")

@@ -33,26 +33,37 @@ def split_common_prefix(chosen: str, rejected: str) -> int:
 
 
 def encode_pair(prompt: list[Segment], chosen: list[Segment], rejected: list[Segment], tokenizer, max_length: int,
-                truncation: str) -> dict[str, Any]:
+                truncation: str, where: Where | None = None, fields: tuple[str, str] = ("chosen", "rejected")
+                ) -> dict[str, Any]:
     """Tokenize a pair so that both sequences share exactly the same prompt tokens.
 
     Returns ``chosen`` and ``rejected`` (each ``input_ids``, ``labels``, ``num_labels``),
     ``prompt_ids`` (the generation prompt), ``reference`` (the chosen text), ``length``
-    (the longer sequence) and ``num_labels`` (both). Too long: ``truncation="prompt"``
-    cuts the shared prompt from the left (keeping one token), then both responses at
-    the end; ``"drop"`` drops the pair.
+    (the longer sequence), ``num_labels`` (both) and ``truncated`` (``"prompt"`` and / or
+    ``"response"``: what was cut, counted by the data module). Too long:
+    ``truncation="prompt"`` cuts the shared prompt from the left (keeping one token), then
+    both responses at the end, as TRL does (a response cut at the end has no EOS);
+    ``"drop"`` drops the pair.
+
+    ``where`` and ``fields`` (the chosen and rejected column names) locate errors; without
+    ``where`` they are plain :class:`ValueError`.
     """
     p_ids, _, _ = tokenize_segments(prompt, tokenizer)
     sides = {name: tokenize_segments(prompt + segs, tokenizer)[:2] for name, segs in (("chosen", chosen), ("rejected", rejected))}
-    for ids, _ in sides.values():
+    for field, (ids, _) in zip(fields, sides.values()):
         if ids[: len(p_ids)] != p_ids:
-            raise ValueError("tokenizer merges the prompt with the response: cannot find the prompt boundary")
+            problem = ("the prompt tokenizes differently before this response than alone (a tokenizer that samples"
+                       " its segmentation?): cannot find the prompt boundary")
+            raise where(field, problem) if where is not None else ValueError(f"{field}: {problem}")
     longest = max(len(ids) for ids, _ in sides.values())
     cut = 0
     if longest > max_length:
         if truncation == "drop":
             raise Dropped("too long")
         cut = min(longest - max_length, max(len(p_ids) - 1, 0))
+    truncated = ["prompt"] if cut else []
+    if longest - cut > max_length:
+        truncated.append("response")
     out: dict[str, Any] = {}
     for name, (ids, labels) in sides.items():
         ids, labels = ids[cut:][:max_length], labels[cut:][:max_length]
@@ -66,7 +77,7 @@ def encode_pair(prompt: list[Segment], chosen: list[Segment], rejected: list[Seg
         text = text.rstrip()[: -len(tokenizer.eos_token)]
     out.update(prompt_ids=p_ids[cut:], reference=text.strip(),
                length=max(len(out["chosen"]["input_ids"]), len(out["rejected"]["input_ids"])),
-               num_labels=out["chosen"]["num_labels"] + out["rejected"]["num_labels"])
+               num_labels=out["chosen"]["num_labels"] + out["rejected"]["num_labels"], truncated=tuple(truncated))
     return out
 
 
@@ -76,6 +87,7 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
     Keys: ``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``; ``margin`` ``[B]`` when the
     rows have one; ``ref_chosen``/``ref_rejected`` ``[B]`` when reference log-probs were precomputed.
+    A margin on some rows only is an error: leaving the others out would drop every margin of the batch.
     """
     seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
     batch = {
@@ -83,7 +95,10 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         "attention_mask": pad([[1] * len(s["input_ids"]) for s in seqs], 0),
         "labels": pad([s["labels"] for s in seqs], IGNORE_INDEX),
     }
-    if all("margin" in r for r in rows):
+    with_margin = sum("margin" in r for r in rows)
+    if 0 < with_margin < len(rows):
+        raise ValueError(f"collate_pairs: {with_margin} of {len(rows)} pairs have a margin; give every pair one or none")
+    if with_margin:
         batch["margin"] = torch.tensor([float(r["margin"]) for r in rows])
     if all("ref_chosen" in r for r in rows):
         batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows])
@@ -95,8 +110,14 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 def pair_segments(prompt, response, tokenizer, system_prompt: str | None, field: str, where: Where
                   ) -> tuple[list[Segment], list[Segment]]:
     """Prompt and response segments of one side of a pair: plain strings as they are, anything
-    with turns rendered with the chat template (the response as the trained assistant turns)."""
+    with turns rendered with the chat template (the response as the trained assistant turns).
+
+    ``system_prompt`` goes into the chat template, so with a plain-string pair (used as
+    written) it is an error naming ``field`` rather than a setting silently left out."""
     if isinstance(prompt, str) and isinstance(response, str):
+        if system_prompt:
+            raise where(field, "system_prompt is set, but a prompt and response that are both strings are used as"
+                        " written, without the chat template; give lists of turns or unset system_prompt")
         return [Segment(prompt, False)], [Segment(response, True)]
     turns = prompt if isinstance(prompt, list) else ([{"role": "user", "content": prompt}] if prompt else [])
     if isinstance(response, str):
@@ -118,11 +139,15 @@ class PreferenceDataModule(TextDataModule):
             Anthropic HH; the prompt is that prefix) or ``auto`` (explicit when a prompt column exists).
             Each field is a string or a list of ``{role, content}`` turns.
         columns: renames of ``prompt``, ``chosen``, ``rejected``, ``margin``.
-        system_prompt: a system turn added to conversational prompts that have none.
+        system_prompt: a system turn added to conversational pairs (rendered with the chat template:
+            either side a list of turns) that have none. Plain-string pairs are used as written,
+            so a ``system_prompt`` with them is an error (as in TRL, the chat template, and with it a
+            system turn, applies to conversational data only).
         group_by_length: batch pairs of similar length together.
         Other arguments: see :class:`~lit_align.data.base.TextDataModule`.
 
-    A ``margin`` column (float) is passed to the loss per pair. Pairs whose two responses
+    A ``margin`` column (float) is passed to the loss per pair; when the column exists every
+    row needs a number (a null margin is a located error). Pairs whose two responses
     are identical carry no preference and are dropped (counted).
     """
 
@@ -154,7 +179,8 @@ class PreferenceDataModule(TextDataModule):
         need = [self.columns[k] for k in (("prompt", "chosen", "rejected") if fmt == "explicit" else ("chosen", "rejected"))]
         missing = [c for c in need if c not in columns]
         if missing:
-            raise DataError(f"preference data ({fmt} prompt) needs columns {missing}; found {columns}")
+            raise DataError(f"preference data ({fmt} prompt) needs columns {missing}; found {columns}"
+                            " (map yours with `columns`)")
         return fmt
 
     def used_columns(self) -> set[str]:
@@ -216,8 +242,12 @@ class PreferenceDataModule(TextDataModule):
         p_r, rejected_segs = self._segments(prompt, rejected, r_name, where)
         if [s.text for s in p_c] != [s.text for s in p_r]:
             raise where(r_name, "the chat template renders the shared prompt differently for chosen and rejected")
-        out = encode_pair(p_c, chosen_segs, rejected_segs, self.tokenizer, h.max_length, h.truncation)
-        margin = row.get(self.columns["margin"])
+        out = encode_pair(p_c, chosen_segs, rejected_segs, self.tokenizer, h.max_length, h.truncation,
+                          where=where, fields=(c_name, r_name))
+        m_name = self.columns["margin"]
+        margin = row.get(m_name)
+        if margin is None and m_name in row:  # a null among numbers: the column is there, this row lacks one
+            raise where(m_name, "no margin (null); the margin column needs a number on every row")
         if margin is not None:
             try:
                 out["margin"] = float(margin)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import random
-from collections import Counter
 from typing import Any, Mapping
 
 import datasets
 from jinja2.exceptions import TemplateError
-from lightning.pytorch.utilities import rank_zero_info
 
 from lit_align.data.base import SCALARS, TextDataModule
 from lit_align.data.batching import collate_generation
@@ -57,8 +55,9 @@ class PromptDataModule(TextDataModule):
         path: hub id, local folder, or a local json/jsonl/parquet/csv file.
         data_files: files for ``datasets``' json/csv/parquet builders (a dict maps splits to files).
         name: dataset configuration name.
-        train_split / val_split / test_split: split names; a missing validation split
-            is taken from train with ``val_fraction``.
+        train_split / val_split / test_split: split names; a split set to a name other than its
+            default must exist. A missing ``validation`` split is taken from train with
+            ``val_fraction``; a missing ``test`` split is none.
         format: ``string`` (the prompt is text), ``messages`` (a list of ``{role, content}``
             turns; a string prompt becomes one user turn) or ``auto`` (each split's first row
             decides: a string -> ``string``, a list -> ``messages``; every row must agree).
@@ -73,7 +72,8 @@ class PromptDataModule(TextDataModule):
         max_length: longest prompt in tokens.
         truncation: ``prompt`` keeps the end of a longer prompt, where generation continues
             (message prompts first lose whole leading turns after the system turn, up to a
-            user turn; then tokens are cut from the left, keeping BOS), or ``drop`` (counted).
+            user turn; then tokens are cut from the left, keeping BOS; counted as
+            ``data/<split>_truncated_prompt``), or ``drop`` (counted).
         micro_batch_size: prompts per rollout batch per device.
         eval_batch_size: prompts per validation / test batch.
         max_eval_rows: cap on validation / test rows (``None``: all).
@@ -117,7 +117,6 @@ class PromptDataModule(TextDataModule):
         self.save_hyperparameters(ignore=["task"])
         self.columns = {**PROMPT_COLUMNS, **(columns or {})}
         self._split_format: str | None = None
-        self._truncated: Counter = Counter()
 
     # -- splits ---------------------------------------------------------------
     def _check_answer_column(self, features: Mapping[str, Any], source: str, split: str) -> None:
@@ -151,13 +150,9 @@ class PromptDataModule(TextDataModule):
     def encode_split(self, dataset, split: str, source: str) -> list[dict]:
         self._check_answer_column(dataset.features, source, split)
         self._split_format = self._detect_format(dataset, source, split)
-        self._truncated.clear()
         rows = super().encode_split(dataset, split, source)
         for enc in rows:  # nested (JSON-like) columns and the answer join the base's scalar meta
             enc["meta"] = {**enc["meta"], **enc.pop("_meta")}
-        if self._truncated["rows"]:
-            self.stats[f"data/{split}_truncated"] = self._truncated["rows"]
-            rank_zero_info(f"{source} [{split}]: cut {self._truncated['rows']} prompts to max_length")
         return rows
 
     def row_format(self, columns: list[str]) -> str | None:
@@ -225,7 +220,6 @@ class PromptDataModule(TextDataModule):
             bos = 1 if _adds_bos(self.tokenizer) else 0  # keep BOS, then the end of the prompt
             ids = ids[:bos] + ids[len(ids) - (h.max_length - bos):]
             text, truncated = self.tokenizer.decode(ids[bos:]), True
-        self._truncated["rows"] += truncated
         extra = {k: v for k, v in row.items() if k not in self.used_columns() and isinstance(v, (dict, list))
                  and json_like(v)}
         reference = ""
@@ -236,7 +230,7 @@ class PromptDataModule(TextDataModule):
             extra["answer"] = answer
             reference = answer if isinstance(answer, str) else str(answer)
         return {"prompt_ids": ids, "prompt": text, "reference": reference, "length": len(ids), "num_labels": 1,
-                "_meta": extra}
+                "_meta": extra, "truncated": ("prompt",) if truncated else ()}
 
     # -- batches --------------------------------------------------------------
     def collate(self, packs: list[list[dict]]) -> dict:

@@ -33,6 +33,7 @@ def test_prompt_truncation_cuts_the_prompt_from_the_left_and_keeps_the_completio
     assert e["prompt_ids"] == ids("ghij")
     assert e["length"] == 8 and e["num_labels"] == 4
     assert e["reference"] == "xyz"
+    assert e["truncated"] == ("prompt",)
 
 
 def test_prompt_truncation_keeps_one_prompt_token_then_cuts_the_end():
@@ -43,6 +44,14 @@ def test_prompt_truncation_keeps_one_prompt_token_then_cuts_the_end():
     assert e["labels"] == [IGNORE_INDEX] + ids("0123456")
     assert e["prompt_ids"] == ids("f")
     assert e["reference"] == "0123456789"
+    assert e["truncated"] == ("prompt", "response")
+
+
+def test_truncated_names_what_was_cut():
+    assert enc("abcd", "xyz", max_length=8)["truncated"] == ()
+    # an empty prompt leaves nothing to cut at the start: only the response's end goes
+    e = enc("", "0123456789", max_length=8)
+    assert e["input_ids"] == ids("01234567") and e["truncated"] == ("response",)
 
 
 def test_prompt_truncation_of_a_multi_turn_conversation_keeps_every_kept_label():
@@ -102,14 +111,20 @@ def test_module_drop_policy_counts_dropped_rows(tmp_path, caplog):
     }
 
 
-def test_module_prompt_policy_keeps_long_rows_within_max_length(tmp_path):
-    dm = encoded_module(tmp_path, ROWS, max_length=8, truncation="prompt")
+def test_module_prompt_policy_keeps_long_rows_within_max_length(tmp_path, caplog):
+    rows = ROWS + [{"prompt": "ab", "completion": "0123456789"}]  # 13 tokens: the response loses its end
+    with caplog.at_level(logging.INFO):
+        dm = encoded_module(tmp_path, rows, max_length=8, truncation="prompt")
     rows = dm.encoded["train"]
-    assert [r["length"] for r in rows] == [5, 8, 3, 8]
+    assert [r["length"] for r in rows] == [5, 8, 3, 8, 8]
     assert all(len(r["input_ids"]) == len(r["labels"]) == r["length"] <= 8 for r in rows)
     assert [labelled_texts(r, byte_tokenizer()) for r in rows] == [["cd" + EOS], ["xyz" + EOS], ["b" + EOS],
-                                                                    ["0123" + EOS]]
-    assert dm.stats == {"data/train_dropped_nothing_left_to_learn_after_truncation": 1, "data/train_rows": 4}
+                                                                    ["0123" + EOS], ["0123456"]]
+    assert all("truncated" not in r for r in rows)
+    assert dm.stats == {"data/train_dropped_nothing_left_to_learn_after_truncation": 1, "data/train_rows": 5,
+                        "data/train_truncated_prompt": 3, "data/train_truncated_response": 1}
+    assert ("data.jsonl [train]: dropped {'nothing left to learn after truncation': 1} of 6 rows; truncated to"
+            " max_length=8: 3 prompts (from the start), 1 responses (at the end, losing their EOS)") in caplog.text
 
 
 def test_module_with_every_row_dropped_raises(tmp_path):

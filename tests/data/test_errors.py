@@ -5,6 +5,7 @@ import re
 import pytest
 
 from lit_align.data import DataError, InstructionDataModule
+from lit_align.data.formats import Where
 from tests.data.util import byte_tokenizer, encoded_module, write_jsonl
 
 PC = {"prompt": "1+1=", "completion": "2"}
@@ -38,8 +39,10 @@ def test_column_missing_from_every_row(tmp_path):
         encoded_module(tmp_path, rows, name="rows.jsonl", format="prompt_completion")
 
 
-def test_undetectable_format_names_the_columns(tmp_path):
-    with pytest.raises(DataError, match=re.escape("cannot tell the data format from columns ['question', 'answer']")):
+def test_undetectable_format_names_the_file_split_and_columns(tmp_path):
+    path = str(tmp_path / "data.jsonl")
+    message = f"{path} [train]: cannot tell the data format from columns ['question', 'answer']"
+    with pytest.raises(DataError, match="^" + re.escape(message)):
         encoded_module(tmp_path, [{"question": "a", "answer": "b"}])
 
 
@@ -103,12 +106,55 @@ def test_row_number_is_the_files_after_a_validation_split(tmp_path):
 
 
 def test_error_names_the_split_file(tmp_path):
+    # with a file per split, the message names the split's own file only
     train = write_jsonl(tmp_path / "train.jsonl", [PC, PC])
     val = write_jsonl(tmp_path / "val.jsonl", [PC, {"prompt": "x", "completion": ""}])
     dm = InstructionDataModule(data_files={"train": train, "validation": val})
     dm.tokenizer = byte_tokenizer()
-    with pytest.raises(DataError, match=re.escape(f"{train}, {val} [validation] row 1, field 'completion': is empty")):
+    with pytest.raises(DataError, match="^" + re.escape(f"{val} [validation] row 1, field 'completion': is empty") + "$"):
         dm.setup("fit")
+
+
+# -- system_prompt with rows used as written -------------------------------------------------
+
+def test_system_prompt_with_string_prompt_completion_rows_is_an_error(tmp_path):
+    problem = ("system_prompt is set, but string prompt/completion rows are used as written, without the chat"
+               " template that would hold a system turn; give prompt and completion as lists of turns or unset"
+               " system_prompt")
+    path = str(tmp_path / "rows.jsonl")
+    with pytest.raises(DataError, match="^" + re.escape(f"{path} [train] row 0, field 'prompt': {problem}") + "$"):
+        encoded_module(tmp_path, [PC, PC], name="rows.jsonl", system_prompt="Be brief.")
+
+
+def test_system_prompt_with_alpaca_rows_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match=re.escape("data: system_prompt needs chat-templated rows; format 'alpaca'")):
+        InstructionDataModule(path="x", format="alpaca", system_prompt="Be brief.")
+    path = str(tmp_path / "rows.jsonl")  # detected from the columns: the first row says so
+    message = (f"{path} [train] row 0, field 'instruction': system_prompt is set, but Alpaca rows are used as written,"
+               " without the chat template that would hold a system turn; convert the rows to messages or unset"
+               " system_prompt")
+    with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
+        encoded_module(tmp_path, [ALPACA, ALPACA], name="rows.jsonl", system_prompt="Be brief.")
+
+
+def test_system_prompt_with_conversational_prompt_completion_rows_is_applied(tmp_path):
+    row = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}
+    enc = encoded_module(tmp_path, [row], system_prompt="Be brief.").encoded["train"][0]
+    assert byte_tokenizer().decode(enc["prompt_ids"]) == "<|system|>\nBe brief.\n<|user|>\nhi\n<|assistant|>\n"
+
+
+# -- split names -------------------------------------------------------------------------------
+
+def test_a_named_held_out_split_that_is_absent_is_an_error(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [PC, PC])
+    val = write_jsonl(tmp_path / "val.jsonl", [PC])
+    for setting, kwargs in (("val_split", {"val_split": "dev"}), ("test_split", {"test_split": "heldout"})):
+        dm = InstructionDataModule(data_files={"train": train, "validation": val}, **kwargs)
+        dm.tokenizer = byte_tokenizer()
+        name = kwargs[setting]
+        message = f"{train}, {val}: no split {name!r} (data.{setting}); it has ['train', 'validation']"
+        with pytest.raises(ValueError, match="^" + re.escape(message) + "$"):
+            dm.setup("fit")
 
 
 def test_invalid_settings():
@@ -129,3 +175,25 @@ def test_missing_file(tmp_path):
     dm.tokenizer = byte_tokenizer()
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         dm.setup("fit")
+
+
+# -- eval groups -------------------------------------------------------------------------------
+
+def test_eval_group_error_names_the_rows_source_location_when_kept(tmp_path):
+    train = write_jsonl(tmp_path / "train.jsonl", [dict(PC, kind="a")])  # every split file has the same columns
+    # row 1 has nothing to learn and is dropped, so row 3 is kept at position 2
+    rows = [dict(PC, kind="a"), {"prompt": "", "completion": "</s>"}, dict(PC, kind="b"), PC]
+    val = write_jsonl(tmp_path / "val.jsonl", rows)
+    dm = InstructionDataModule(data_files={"train": train, "validation": val})
+    dm.tokenizer = byte_tokenizer()
+    dm.setup("fit")
+    dm.group_key = "kind"
+    with pytest.raises(DataError, match="^" + re.escape(
+            "validation row 2 (position after dropped rows), field 'kind': no column to group metrics by (columns: [])")):
+        dm.eval_groups()
+    dm.encoded["validation"][2]["where"] = Where(val, "validation", 3)  # as image rows keep it
+    with pytest.raises(DataError, match="^" + re.escape(
+            f"{val} [validation] row 3, field 'kind': no column to group metrics by (columns: [])") + "$"):
+        dm.eval_groups()
+    dm.encoded["validation"].pop(2)
+    assert dm.eval_groups() == ["a", "b"]

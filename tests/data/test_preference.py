@@ -3,6 +3,7 @@ margins, chosen-then-rejected collation, pair truncation, and located errors."""
 
 import csv
 import json
+import logging
 import re
 
 import datasets
@@ -12,7 +13,8 @@ import torch
 from lit_align import ArithTask, PreferenceDataModule
 from lit_align.data import DataError
 from lit_align.data.encode import IGNORE_INDEX as IGN
-from lit_align.data.preference import split_common_prefix
+from lit_align.data.formats import Segment, Where
+from lit_align.data.preference import collate_pairs, encode_pair, split_common_prefix
 from tests.data.util import byte_tokenizer, encoded_module, labelled_texts, unlabelled_text, write_jsonl
 
 EOS = "</s>"
@@ -130,15 +132,19 @@ def test_conversational_forms_render_alike(tmp_path, prompt, chosen, rejected):
     assert enc["rejected"]["labels"] == [IGN] * len(p) + ids("5") + [EOS_ID]
 
 
-def test_system_prompt_goes_to_conversational_prompts_only(tmp_path):
+def test_system_prompt_goes_to_conversational_prompts_and_is_an_error_with_plain_strings(tmp_path):
     tok = byte_tokenizer()
     chat = {"prompt": [user("hi")], "chosen": [assistant("yo")], "rejected": [assistant("no")]}
     enc = module(tmp_path, [chat], system_prompt="Be nice.").encoded["train"][0]
     assert tok.decode(enc["prompt_ids"]) == "<|system|>\nBe nice.\n" + prompt_of("hi")
     assert labelled_texts(enc["chosen"], tok) == ["yo" + EOS]
+    enc = module(tmp_path, [dict(chat, prompt="hi")], name="str_prompt.jsonl", system_prompt="Be nice.").encoded["train"][0]
+    assert tok.decode(enc["prompt_ids"]) == "<|system|>\nBe nice.\n" + prompt_of("hi")
+    # plain strings are used as written: there is no chat template to carry the system turn
     plain = {"prompt": "hi ", "chosen": "yo", "rejected": "no"}
-    enc = module(tmp_path, [plain], name="plain.jsonl", system_prompt="Be nice.").encoded["train"][0]
-    assert enc["prompt_ids"] == ids("hi ")
+    raises_at(tmp_path, [plain, plain], 0, "chosen",
+              "system_prompt is set, but a prompt and response that are both strings are used as written, without"
+              " the chat template; give lists of turns or unset system_prompt", system_prompt="Be nice.")
 
 
 def test_renamed_columns_and_meta(tmp_path):
@@ -335,6 +341,28 @@ def test_prompt_truncation_keeps_one_prompt_token_then_cuts_the_responses_end(tm
                              "num_labels": 3}
     assert enc["rejected"] == {"input_ids": ids("j345"), "labels": [IGN] + ids("345"), "num_labels": 3}
     assert enc["length"] == 4 and enc["num_labels"] == 6
+    assert "truncated" not in enc
+
+
+def test_truncated_pairs_are_counted_by_what_was_cut(tmp_path, caplog):
+    rows = [{"prompt": "ab", "chosen": "c", "rejected": "d"},           # 4 tokens: fits
+            {"prompt": "abcdefghij", "chosen": "12", "rejected": "3"},  # 13: the prompt loses 3 tokens
+            {"prompt": "abcdefghij", "chosen": "12", "rejected": "3456"},  # 15: the prompt loses 5 tokens
+            {"prompt": "", "chosen": "123456789", "rejected": "1"}]     # no prompt to cut: the chosen end goes
+    with caplog.at_level(logging.INFO):
+        dm = module(tmp_path, rows, max_length=10)
+    assert [r["length"] for r in dm.encoded["train"]] == [4, 10, 10, 10]
+    assert dm.encoded["train"][3]["chosen"]["input_ids"] == ids("123456789") + [EOS_ID]  # 10 tokens: fits
+    assert dm.stats == {"data/train_rows": 4, "data/train_truncated_prompt": 2}
+    rows[3]["chosen"] = "1234567890"
+    rows[2]["rejected"] = "345678901"  # 20 tokens: the prompt is cut to one token, then the end
+    with caplog.at_level(logging.INFO):
+        dm = module(tmp_path, rows, name="cut.jsonl", max_length=10)
+    assert dm.encoded["train"][2]["rejected"]["input_ids"] == ids("j345678901")  # no EOS
+    assert dm.encoded["train"][3]["chosen"]["labels"] == [IGN] + ids("234567890")  # no EOS
+    assert dm.stats == {"data/train_rows": 4, "data/train_truncated_prompt": 2, "data/train_truncated_response": 2}
+    assert ("cut.jsonl [train]: truncated to max_length=10: 2 prompts (from the start), 2 responses (at the end,"
+            " losing their EOS)") in caplog.text
 
 
 def test_drop_truncation_drops_pairs_with_either_side_too_long(tmp_path):
@@ -346,7 +374,7 @@ def test_drop_truncation_drops_pairs_with_either_side_too_long(tmp_path):
     assert dm.stats == {"data/train_rows": 2, "data/train_dropped_too_long": 2}
     assert [r["prompt_ids"] for r in dm.encoded["train"]] == [ids("ab"), ids("abcdefgh")]
     dm = module(tmp_path, rows, name="kept.jsonl", max_length=10, truncation="prompt")
-    assert dm.stats == {"data/train_rows": 4}
+    assert dm.stats == {"data/train_rows": 4, "data/train_truncated_prompt": 2}
 
 
 def test_pairs_with_nothing_to_learn_or_nothing_to_prefer_are_dropped_and_counted(tmp_path):
@@ -480,8 +508,19 @@ def test_renamed_column_error_names_the_users_column(tmp_path):
      "preference data (explicit prompt) needs columns ['worse']; found ['question', 'chosen', 'rejected']"),
 ])
 def test_missing_columns(tmp_path, rows, kwargs, message):
-    with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
+    path = str(tmp_path / "pairs.jsonl")
+    full = f"{path} [train]: {message} (map yours with `columns`)"
+    with pytest.raises(DataError, match="^" + re.escape(full) + "$"):
         module(tmp_path, rows, **kwargs)
+
+
+def test_missing_columns_of_a_carved_validation_split_hide_the_row_number_column(tmp_path):
+    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a"}] * 4)
+    dm = PreferenceDataModule(data_files=path, val_fraction=0.5)
+    dm.tokenizer = byte_tokenizer()
+    message = f"{path} [train]: preference data (explicit prompt) needs columns ['rejected']; found ['prompt', 'chosen']"
+    with pytest.raises(DataError, match="^" + re.escape(message)):
+        dm.setup("fit")
 
 
 def test_error_names_the_validation_file(tmp_path):
@@ -489,9 +528,57 @@ def test_error_names_the_validation_file(tmp_path):
     val = write_jsonl(tmp_path / "val.jsonl", [GOOD, GOOD, dict(GOOD, rejected="")])
     dm = PreferenceDataModule(data_files={"train": train, "validation": val})
     dm.tokenizer = byte_tokenizer()
-    message = f"{train}, {val} [validation] row 2, field 'rejected': expected a non-empty string"
-    with pytest.raises(DataError, match=re.escape(message)):
+    message = f"{val} [validation] row 2, field 'rejected': expected a non-empty string or a list of turns, got ''"
+    with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
         dm.setup("fit")
+
+
+def test_a_null_margin_among_numbers_is_an_error(tmp_path):
+    # jsonl rows without the key get a null margin; a batch cannot carry margins for some pairs only
+    rows = [dict(GOOD, margin=1.0), dict(GOOD, margin=0.5), GOOD, dict(GOOD, margin=2.0)]
+    raises_at(tmp_path, rows, 2, "margin", "no margin (null); the margin column needs a number on every row")
+    renamed = [dict(GOOD, score=1.0), dict(GOOD, score=None)]
+    raises_at(tmp_path, renamed, 1, "score", "no margin (null); the margin column needs a number on every row",
+              columns={"margin": "score"})
+
+
+def test_collate_pairs_rejects_margins_on_some_pairs_only(tmp_path):
+    dm = module(tmp_path, pairs(3, margin=False))
+    rows = dm.encoded["train"]
+    rows[1]["margin"] = 1.0
+    with pytest.raises(ValueError, match=re.escape("collate_pairs: 1 of 3 pairs have a margin; give every pair one or none")):
+        collate_pairs(rows, 0)
+
+
+class ResamplingTokenizer:
+    """The byte tokenizer, except that it splits ``"q"`` differently on every other call, like a
+    tokenizer that samples its segmentation (subword regularization)."""
+
+    def __init__(self):
+        self.inner, self.calls = byte_tokenizer(), 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, text, **kwargs):
+        out = self.inner(text, **kwargs)
+        if text == "q":
+            self.calls += 1
+            if self.calls % 2 == 0:
+                out["input_ids"] = [99]
+        return out
+
+
+def test_encode_pair_locates_an_unfindable_prompt_boundary():
+    seg = [Segment("q", False)]
+    where = Where("pairs.jsonl", "train", 5)
+    problem = ("the prompt tokenizes differently before this response than alone (a tokenizer that samples its"
+               " segmentation?): cannot find the prompt boundary")
+    with pytest.raises(DataError, match="^" + re.escape(f"pairs.jsonl [train] row 5, field 'good': {problem}") + "$"):
+        encode_pair(seg, [Segment("a", True)], [Segment("b", True)], ResamplingTokenizer(), 16, "prompt",
+                    where=where, fields=("good", "bad"))
+    with pytest.raises(ValueError, match="^" + re.escape(f"chosen: {problem}") + "$"):
+        encode_pair(seg, [Segment("a", True)], [Segment("b", True)], ResamplingTokenizer(), 16, "prompt")
 
 
 def test_invalid_settings():

@@ -172,7 +172,7 @@ def test_truncation_keeps_the_end_of_a_string_prompt(tmp_path):
     long, short = dm.encoded["train"]
     assert long["prompt_ids"] == ids("ghij") and long["prompt"] == "ghij" and long["length"] == 4
     assert short["prompt_ids"] == ids("abcd")
-    assert dm.stats == {"data/train_truncated": 1, "data/train_rows": 2}
+    assert dm.stats == {"data/train_truncated_prompt": 1, "data/train_rows": 2}
 
 
 def test_truncation_of_message_prompts_drops_whole_leading_turns_first(tmp_path):
@@ -186,7 +186,7 @@ def test_truncation_of_message_prompts_drops_whole_leading_turns_first(tmp_path)
     dm = module(tmp_path, [{"prompt": MULTI, "answer": "8"}], max_length=17)
     enc = dm.encoded["train"][0]
     assert enc["prompt_ids"] == ids("5?\n<|assistant|>\n") and enc["prompt"] == "5?\n<|assistant|>\n"
-    assert dm.stats["data/train_truncated"] == 1
+    assert dm.stats["data/train_truncated_prompt"] == 1
 
 
 def test_drop_truncation_counts_the_dropped_prompts(tmp_path):

@@ -1,6 +1,7 @@
 """Local sources: json, jsonl, csv and parquet give the same rows; splits from files or a held-out fraction."""
 
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -33,8 +34,8 @@ ALL_SPLITS = {"train": "train", "validation": "validation", "test": "test"}
 def test_every_local_format_loads_the_same_rows(tmp_path, fmt):
     path = write(tmp_path, fmt)
     for kwargs in ({"path": None, "data_files": path}, {"path": path, "data_files": None}):
-        splits, source = load_splits(**kwargs, name=None, splits=ALL_SPLITS, val_fraction=0.0, seed=0)
-        assert source == path
+        splits, sources = load_splits(**kwargs, name=None, splits=ALL_SPLITS, val_fraction=0.0, seed=0)
+        assert sources == {"train": path}
         assert list(splits) == ["train"]  # one file: no validation / test split of its own
         assert splits["train"].to_list() == ROWS
 
@@ -90,9 +91,34 @@ def test_val_fraction_through_the_module(tmp_path):
 def test_existing_validation_split_wins_over_val_fraction(tmp_path):
     files = {"train": write(tmp_path, "jsonl", ROWS[:6], "train"), "validation": write(tmp_path, "jsonl", ROWS[6:8], "val"),
              "test": write(tmp_path, "jsonl", ROWS[8:], "test")}
-    splits, source = load_splits(None, files, None, ALL_SPLITS, val_fraction=0.5, seed=0)
-    assert source == ", ".join(files.values())
+    splits, sources = load_splits(None, files, None, ALL_SPLITS, val_fraction=0.5, seed=0)
+    assert sources == files  # each split names its own file
     assert {k: v.to_list() for k, v in splits.items()} == {"train": ROWS[:6], "validation": ROWS[6:8], "test": ROWS[8:]}
+
+
+def test_val_fraction_split_names_trains_source(tmp_path):
+    path = write(tmp_path, "jsonl")
+    _, sources = load_splits(None, path, None, ALL_SPLITS, val_fraction=0.3, seed=0)
+    assert sources == {"train": path, "validation": path}
+
+
+def test_a_split_list_of_files_is_named_by_its_own_files(tmp_path):
+    a, b = write(tmp_path, "jsonl", ROWS[:3], "a"), write(tmp_path, "jsonl", ROWS[3:5], "b")
+    test = write(tmp_path, "jsonl", ROWS[5:], "test")
+    splits, sources = load_splits(None, {"train": [a, b], "test": test}, None, ALL_SPLITS, 0.0, 0)
+    assert sources == {"train": f"{a}, {b}", "test": test}
+    assert splits["train"].to_list() == ROWS[:5]
+
+
+@pytest.mark.parametrize("role,name,setting", [("validation", "dev", "val_split"), ("test", "heldout", "test_split")])
+def test_a_named_held_out_split_must_exist_but_the_defaults_are_optional(tmp_path, role, name, setting):
+    path = write(tmp_path, "jsonl")
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: no split {name!r} (data.{setting}); it has ['train']")):
+        load_splits(None, path, None, {**ALL_SPLITS, role: name}, 0.0, 0)
+    splits, _ = load_splits(None, path, None, ALL_SPLITS, 0.0, 0)  # "validation" and "test" absent: fine
+    assert list(splits) == ["train"]
+    splits, _ = load_splits(None, path, None, {**ALL_SPLITS, role: None}, 0.3, 0)  # null: none of its own
+    assert set(splits) == {"train", "validation"}  # validation held out of train with val_fraction
 
 
 def test_explicit_split_names(tmp_path):
@@ -117,14 +143,14 @@ def test_max_eval_rows_caps_held_out_splits_only(tmp_path):
 def test_a_folder_of_split_files(tmp_path):
     write(tmp_path, "jsonl", ROWS[:7], "train")
     write(tmp_path, "jsonl", ROWS[7:], "test")
-    splits, source = load_splits(str(tmp_path), None, None, ALL_SPLITS, 0.0, 0)
-    assert source == str(tmp_path)
+    splits, sources = load_splits(str(tmp_path), None, None, ALL_SPLITS, 0.0, 0)
+    assert sources == {"train": str(tmp_path), "test": str(tmp_path)}
     assert {k: v.to_list() for k, v in splits.items()} == {"train": ROWS[:7], "test": ROWS[7:]}
 
 
 def test_missing_train_split_and_mixed_extensions(tmp_path):
     path = write(tmp_path, "jsonl")
-    with pytest.raises(ValueError, match=r"no split 'main' \(has \['train'\]\)"):
+    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: no split 'main' (data.train_split); it has ['train']")):
         load_splits(None, path, None, {"train": "main"}, 0.0, 0)
     other = write(tmp_path, "csv")
     with pytest.raises(ValueError, match="use one of"):
