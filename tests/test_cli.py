@@ -6,6 +6,7 @@ import os
 import pytest
 import torch
 import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
 
 from lit_align.train import main
@@ -21,13 +22,22 @@ def _dirs(tmp_path):
 
 
 def test_fit_from_yaml_writes_logs_config_checkpoints_and_hf_export(tmp_path):
-    cli = main(["fit", "--config", QUICKSTART, *FAST, *_dirs(tmp_path)])
+    cli = main(["fit", "--config", QUICKSTART, *FAST, "--trainer.log_every_n_steps", "1", *_dirs(tmp_path)])
     assert cli.trainer.global_step == 3
     version = tmp_path / "logs" / "t" / "version_0"
     saved = yaml.safe_load(open(version / "config.yaml"))
     assert saved["model"]["class_path"] == "lit_align.SFT"
     assert saved["trainer"]["max_steps"] == 3  # the resolved config, command-line overrides included
     assert glob.glob(str(version / "events.out.tfevents.*"))
+    events = EventAccumulator(str(version))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    for tag in ("train/loss", "train/tokens_per_s", "train/grad_norm", "lr/pg1", "val/loss", "val/exact_match",
+                "data/train_rows", "data/validation_rows"):
+        assert tag in scalars, (tag, sorted(scalars))
+    assert events.Scalars("data/validation_rows")[0].value == 8
+    assert all(e.value > 0 for e in events.Scalars("train/tokens_per_s"))
+    assert "val/samples/text_summary" in events.Tags()["tensors"]  # generations as TensorBoard text
     assert os.path.exists(tmp_path / "ckpt" / "t" / "last.ckpt")
     assert glob.glob(str(tmp_path / "ckpt" / "t" / "best-step*.ckpt"))
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "t" / "hf")
@@ -42,8 +52,10 @@ def test_validate_and_resume_from_last(tmp_path):
     ckpt = str(tmp_path / "ckpt" / "t" / "last.ckpt")
     cli = main(["validate", "--config", QUICKSTART, *FAST, *_dirs(tmp_path), "--ckpt_path", ckpt])
     assert "val/exact_match" in cli.trainer.callback_metrics
+    # `last`, as a user resumes a killed run: Lightning finds checkpoints/<name>/last.ckpt itself
     cli = main(["fit", "--config", QUICKSTART, *FAST[:-6], "--trainer.max_steps", "5", *FAST[2:], *_dirs(tmp_path),
-                "--ckpt_path", ckpt])
+                "--ckpt_path", "last"])
+    assert cli.trainer.ckpt_path == ckpt
     assert cli.trainer.global_step == 5
 
 
