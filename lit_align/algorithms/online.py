@@ -11,7 +11,11 @@ from lit_align.algorithms.optim import OptimSpec
 from lit_align.losses import KL_ESTIMATORS
 from lit_align.models import CausalLMSpec, LoraSpec, disable_dropout, is_peft
 from lit_align.rewards import RewardSpec, Rewards
-from lit_align.rollout import HFEngine, RolloutBatch, SamplingParams, chunked_logprobs
+from lit_align.rollout import RolloutBatch, SamplingParams, build_engine, chunked_logprobs
+
+
+#: The KL estimator when a KL term is on and none is named (GRPO's k3, Shao et al. 2024, eq. 4).
+DEFAULT_KL_ESTIMATOR = "k3"
 
 
 def all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -31,20 +35,26 @@ class OnlineRLModule(CausalLMModule):
         sampling: temperature, top-p/top-k and ``max_new_tokens`` of the rollouts.
         num_generations: completions per prompt.
         beta: KL coefficient; 0 builds no reference model.
-        kl_estimator: ``k1``, ``k2`` or ``k3`` (Schulman 2020), per token.
+        kl_estimator: ``k1``, ``k2`` or ``k3`` (Schulman 2020), per token; ``None``: ``k3``.
         reference: the frozen reference; default the initial policy (with ``lora``: the base
             with adapters disabled).
         forward_batch_size: rows per forward/backward (training and scoring passes).
+        engine: the rollout engine: a registered name (``hf``: HF ``generate`` on the training
+            model, :data:`~lit_align.rollout.ENGINES`) or an import path ``"package.module:Class"``
+            of a :class:`~lit_align.rollout.RolloutEngine` subclass, built as
+            ``Class(tokenizer, logprob_batch_size=forward_batch_size)``.
     """
 
     monitor = ("val/exact_match", "max")
 
     def __init__(self, model: CausalLMSpec, optim: OptimSpec | None, rewards: list[RewardSpec] | None,
-                 sampling: SamplingParams | None, num_generations: int, beta: float, kl_estimator: str,
+                 sampling: SamplingParams | None, num_generations: int, beta: float, kl_estimator: str | None,
                  reference: CausalLMSpec | None, forward_batch_size: int, lora: LoraSpec | None,
-                 eval_max_new_tokens: int, num_logged_samples: int, extra_rewards: list[RewardSpec] = ()):
+                 eval_max_new_tokens: int, num_logged_samples: int, extra_rewards: list[RewardSpec] = (),
+                 engine: str = "hf"):
         super().__init__(model, optim, eval_max_new_tokens, num_logged_samples, lora=lora)
         sampling = sampling or SamplingParams(temperature=1.0)
+        kl_estimator = DEFAULT_KL_ESTIMATOR if kl_estimator is None else kl_estimator
         checks = [
             (not rewards, "rewards: give at least one reward (a built-in name or 'package.module:function')"),
             (num_generations < 1, f"num_generations: must be >= 1, got {num_generations}"),
@@ -60,7 +70,10 @@ class OnlineRLModule(CausalLMModule):
         self.sampling = sampling
         self.num_generations = num_generations
         self.rewards = Rewards(list(rewards) + list(extra_rewards))
-        self.engine = HFEngine(self.tokenizer, logprob_batch_size=forward_batch_size)
+        try:
+            self.engine = build_engine(engine, self.tokenizer, logprob_batch_size=forward_batch_size)
+        except (ValueError, TypeError) as e:  # TypeError: a class whose constructor does not fit
+            raise ValueError(f"{type(self).__name__}.engine: {e}") from e
         self.forward_batch_size = forward_batch_size
         self.beta, self.kl_estimator = beta, kl_estimator
         self.ref_spec = reference or model
@@ -85,6 +98,7 @@ class OnlineRLModule(CausalLMModule):
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ref_model.")}
 
     def on_fit_start(self) -> None:
+        super().on_fit_start()
         self.rewards.setup(self.device)
 
     @torch.no_grad()

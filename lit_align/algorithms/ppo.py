@@ -93,7 +93,7 @@ class PPO(OnlineRLModule):
         ppo_epochs: passes over each rollout batch.
         mini_batches: optimizer steps per pass.
         forward_batch_size: rows per forward/backward.
-        reference, lora, eval_max_new_tokens, num_logged_samples: as in :class:`OnlineRLModule`.
+        reference, lora, eval_max_new_tokens, num_logged_samples, engine: as in :class:`OnlineRLModule`.
     """
 
     def __init__(self, model: CausalLMSpec, optim: OptimSpec | None = None, critic_optim: OptimSpec | None = None,
@@ -104,9 +104,9 @@ class PPO(OnlineRLModule):
                  whiten_advantages: bool = True, clip_range: float = 0.2, clip_range_value: float | None = 0.2,
                  vf_coef: float = 0.1, entropy_coef: float = 0.0, ppo_epochs: int = 4, mini_batches: int = 1,
                  forward_batch_size: int = 32, reference: CausalLMSpec | None = None, lora: LoraSpec | None = None,
-                 eval_max_new_tokens: int = 32, num_logged_samples: int = 4):
+                 eval_max_new_tokens: int = 32, num_logged_samples: int = 4, engine: str = "hf"):
         super().__init__(model, optim, rewards, sampling, num_generations, beta, kl_estimator, reference,
-                         forward_batch_size, lora, eval_max_new_tokens, num_logged_samples)
+                         forward_batch_size, lora, eval_max_new_tokens, num_logged_samples, engine=engine)
         self.check_settings([
             (not 0.0 <= gamma <= 1.0 or not 0.0 <= lam <= 1.0, f"gamma / lam: must be in [0, 1], got {gamma}, {lam}"),
             (not 0.0 < clip_range < 1.0, f"clip_range: must be in (0, 1), got {clip_range}"),

@@ -7,8 +7,9 @@ from lit_align.algorithms.policy_gradient import preset
 GRPO = preset(
     "GRPO",
     "GRPO (Shao et al. 2024, DeepSeekMath, eq. 3): token-level ratio clipped at 0.2, the loss a\n"
-    "mean over sequences of token means, k3 KL to the reference in the loss with beta 0.04.",
-    importance_sampling_level="token", loss_agg_mode="seq-mean-token-mean", beta=0.04, kl_estimator="k3",
+    "mean over sequences of token means, k3 KL to the reference in the loss with beta 0.04 (k3 is the\n"
+    "estimator a KL term gets unless ``kl_estimator`` names another; with beta 0 there is none).",
+    importance_sampling_level="token", loss_agg_mode="seq-mean-token-mean", beta=0.04,
     clip_low=0.2, clip_high=0.2,
 )
 

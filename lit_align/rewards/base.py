@@ -16,7 +16,6 @@ never break them.
 from __future__ import annotations
 
 import functools
-import importlib
 import inspect
 import math
 import numbers
@@ -24,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+from lit_align.registry import import_object, register_into
 
 RewardFn = Callable[..., Any]
 
@@ -46,23 +47,7 @@ def register_reward(name: str) -> Callable[[Callable[..., RewardFn]], Callable[.
     Registering a different factory under a taken name raises ``ValueError``: a silent
     override would change what an existing config computes.
     """
-    if not isinstance(name, str) or not name or ":" in name:
-        raise ValueError(f"register_reward: name {name!r} must be a non-empty string without ':' "
-                         "(':' marks an import path)")
-
-    def decorator(factory: Callable[..., RewardFn]) -> Callable[..., RewardFn]:
-        old = REWARDS.get(name)
-        # Re-importing the defining module (reloads, notebooks) registers an equal factory again.
-        if old is not None and _qualified(old) != _qualified(factory):
-            raise ValueError(f"register_reward: {name!r} is already registered to {_qualified(old)}")
-        REWARDS[name] = factory
-        return factory
-
-    return decorator
-
-
-def _qualified(obj: Any) -> str:
-    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+    return register_into(REWARDS, "register_reward", name)
 
 
 class RewardError(RuntimeError):
@@ -101,21 +86,6 @@ class RewardSpec:
 def _short(text: Any, limit: int = 80) -> str:
     text = str(text)
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
-
-
-def _resolve_import(path: str) -> tuple[Any, str]:
-    module_name, _, attr_path = path.partition(":")
-    if not module_name or not attr_path:
-        raise ValueError("an import path is 'package.module:function'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"cannot import module {module_name!r}: {e}") from e
-    for part in attr_path.split("."):
-        if not hasattr(obj, part):
-            raise ValueError(f"module {module_name!r} has no attribute {attr_path!r}")
-        obj = getattr(obj, part)
-    return obj, attr_path.split(".")[-1]
 
 
 def _instantiate(obj: Any, args: dict) -> RewardFn:
@@ -215,7 +185,7 @@ class Rewards:
                 if not callable(fn):
                     raise ValueError(f"the factory returned a non-callable {type(fn).__name__}")
             elif ":" in spec.name:
-                obj, default_label = _resolve_import(spec.name)
+                obj, default_label = import_object(spec.name), spec.name.rpartition(":")[2].split(".")[-1]
                 fn = _instantiate(obj, spec.args)
             else:
                 raise ValueError(f"unknown reward: not a built-in ({', '.join(sorted(REWARDS))}) "

@@ -4,36 +4,13 @@ teacher-forced log-probs of sampled completions."""
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from lit_align.losses import token_entropy, token_logprobs
+from lit_align.rollout.base import RolloutEngine, SamplingParams, register_engine
 from lit_align.rollout.batch import RolloutBatch
-
-
-@dataclass
-class SamplingParams:
-    """How to sample completions.
-
-    Args:
-        max_new_tokens: generation limit per completion.
-        temperature: softmax temperature; 0 means greedy decoding.
-        top_p: nucleus sampling threshold (1.0: off).
-        top_k: keep the k most likely tokens (0: off).
-        n: completions per prompt (all in one batched call).
-    """
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.n < 1:
-            raise ValueError(f"sampling: invalid settings {self}")
 
 
 def _sharded(model: torch.nn.Module) -> bool:
@@ -148,8 +125,9 @@ def decode_completions(tokenizer, completion_ids: torch.Tensor) -> list[str]:
     return texts
 
 
-class HFEngine:
-    """The rollout engine on the training model itself with HF ``generate``.
+@register_engine("hf")
+class HFEngine(RolloutEngine):
+    """The rollout engine on the training model itself with HF ``generate`` (KV cache on).
 
     Args:
         tokenizer: supplies the pad and EOS ids and decodes completions.
@@ -158,16 +136,9 @@ class HFEngine:
     ``generate(model, prompts, sampling)`` samples ``sampling.n`` completions for each prompt of
     a prompt batch (``prompt_ids``/``prompt_mask`` ``[B, P]`` left-padded, optional ``prompts``
     and ``meta`` lists) in one batched call and returns a :class:`RolloutBatch` whose
-    ``logprobs`` come from :func:`chunked_logprobs` at ``sampling.temperature``. An engine with
-    its own copy of the weights (vLLM) would also implement ``update_weights(model)``, called
-    before each rollout; here the weights are the training model's, so there is nothing to copy.
+    ``logprobs`` come from :func:`chunked_logprobs` at ``sampling.temperature``. The weights
+    are the training model's, so :meth:`update_weights` has nothing to copy.
     """
-
-    def __init__(self, tokenizer, logprob_batch_size: int = 32):
-        if logprob_batch_size < 1:
-            raise ValueError(f"logprob_batch_size: must be >= 1, got {logprob_batch_size}")
-        self.tokenizer = tokenizer
-        self.logprob_batch_size = logprob_batch_size
 
     def update_weights(self, model: torch.nn.Module) -> None:
         """Nothing to do: generation uses the live training weights."""

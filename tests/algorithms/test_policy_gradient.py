@@ -1,28 +1,76 @@
-"""The policy-gradient module (GRPO / GSPO / DAPO): settings, first-update ratio, step-level
-loss normalisation (micro-batches and ranks), mu > 1, dynamic sampling, overlong filtering."""
+"""The policy-gradient module (GRPO / GSPO / DAPO): settings, the rollout engine setting,
+first-update ratio, step-level loss normalisation (micro-batches, ranks, a real 2-process DDP
+fit), mu > 1, gradient clipping, dynamic sampling, overlong filtering."""
 
 import glob
 import os
+import subprocess
+import sys
 
 import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from lightning.pytorch.strategies import DDPStrategy
 
-from lit_align import DAPO, GRPO, GSPO, CausalLMSpec, OptimSpec, PolicyGradient
+from lit_align import DAPO, GRPO, GSPO, PPO, CausalLMSpec, OptimSpec, PolicyGradient
+from lit_align.algorithms.policy_gradient import DEFAULT_GENERATION_ROUNDS
 from lit_align.losses import AGG_MODES, IS_LEVELS, aggregate_loss, group_advantages
 from lit_align.rewards import RewardSpec
-from lit_align.rollout import RolloutBatch, SamplingParams
+from lit_align.rollout import (RolloutBatch, RolloutEngine, SamplingParams, chunked_logprobs, completion_masks,
+                               decode_completions)
 from lit_align.train import main
 from tests.conftest import REPO, arith_prompts, fit_recipe, sample_rollout, tiny_config
 
 G = 4
 
 
+class FixedEngine(RolloutEngine):
+    """A rollout engine without randomness that records its calls: sample ``j`` of a prompt with
+    ``s = sum_i (i + 1) * id_i`` (unpadded ids) has ``k = (s + 3 j) % (C + 1)`` letters, then EOS,
+    or ``C`` letters and no EOS (truncated) when ``k == C``, with ``C = sampling.max_new_tokens``.
+    Completions depend only on the prompt, so every rank and process samples the same rows for
+    the same prompt."""
+
+    def __init__(self, tokenizer, logprob_batch_size: int = 32):
+        super().__init__(tokenizer, logprob_batch_size)
+        self.calls = []
+
+    def update_weights(self, model):
+        self.calls.append(("update_weights", model))
+
+    def generate(self, model, prompts, sampling):
+        tok, c, n = self.tokenizer, sampling.max_new_tokens, sampling.n
+        rows = []
+        for ids, mask in zip(prompts["prompt_ids"].tolist(), prompts["prompt_mask"].tolist()):
+            s = sum((i + 1) * x for i, x in enumerate(x for x, m in zip(ids, mask) if m))
+            for j in range(n):
+                k = (s + 3 * j) % (c + 1)
+                letters = tok("".join(chr(97 + (s + j + t) % 26) for t in range(k)), add_special_tokens=False).input_ids
+                rows.append((letters + [tok.eos_token_id] * (c - k))[:c] if k < c else letters)
+        ids = torch.tensor(rows, device=prompts["prompt_ids"].device)
+        mask, truncated = completion_masks(ids, tok.eos_token_id)
+        ids = torch.where(mask.bool(), ids, torch.full_like(ids, tok.pad_token_id))
+        b = len(prompts["prompt_ids"])
+        rollout = RolloutBatch(
+            prompt_ids=prompts["prompt_ids"].repeat_interleave(n, 0), prompt_mask=prompts["prompt_mask"].repeat_interleave(n, 0),
+            completion_ids=ids, completion_mask=mask, logprobs=torch.zeros(ids.shape), truncated=truncated,
+            prompts=[p for p in prompts.get("prompts", [""] * b) for _ in range(n)],
+            completions=decode_completions(tok, ids),
+            meta=[m for m in prompts.get("meta", [{}] * b) for _ in range(n)], group_size=n).trimmed()
+        rollout.logprobs = chunked_logprobs(model, rollout, sampling.temperature, self.logprob_batch_size)
+        self.calls.append(("generate", prompts, sampling, rollout))
+        return rollout
+
+
+FIXED_ENGINE = "tests.algorithms.test_policy_gradient:FixedEngine"
+
+
 def parity_reward(prompts, completions, meta, **context):
-    """Even answers: always 1 (a zero-variance group); odd answers: 1 for completions of odd length."""
-    return [1.0 if int(m["answer"]) % 2 == 0 else float(len(c) % 2) for c, m in zip(completions, meta)]
+    """Even answers: always 1 (a zero-variance group); odd answers: 0, 1, 0, 1 over the group's
+    rows (groups are consecutive rows), whatever was sampled."""
+    return [1.0 if int(m["answer"]) % 2 == 0 else float(i % 2) for i, m in enumerate(meta)]
 
 
 def odd_length_reward(prompts, completions, meta, **context):
@@ -73,8 +121,16 @@ def _trainer(tmp_path, max_steps, **kw):
     (dict(reference=CausalLMSpec(config=tiny_config())), "reference"),
     (dict(mini_batches=0), "mini_batches"),
     (dict(overlong_buffer=4), "overlong_buffer"),
-    (dict(max_generation_rounds=0), "max_generation_rounds"),
+    (dict(max_generation_rounds=0, dynamic_sampling=True), "max_generation_rounds"),
     (dict(rewards=[RewardSpec("no_such_reward")]), "no_such_reward"),
+    # settings that would be silently ignored
+    (dict(overlong_penalty_factor=0.5), "overlong_penalty_factor: set to 0.5 but overlong_buffer is 0"),
+    (dict(overlong_penalty_factor=-1.0, overlong_buffer=2), "overlong_penalty_factor: must be >= 0"),
+    (dict(max_generation_rounds=4), "max_generation_rounds: set to 4 but dynamic_sampling is off"),
+    (dict(kl_estimator="k3"), "kl_estimator: set to 'k3' but beta is 0"),
+    (dict(engine="vllm"), "engine: unknown engine 'vllm'"),
+    (dict(engine="tests.algorithms.test_policy_gradient:odd_length_reward"), "engine: .* not a subclass of"),
+    (dict(engine="tests.no_such_module:Engine"), "engine: .*cannot import"),
 ])
 def test_invalid_settings_fail_at_construction(kwargs, match):
     kwargs.setdefault("rewards", [RewardSpec("arith_match")])
@@ -88,14 +144,19 @@ def test_presets_carry_their_papers_defaults_and_accept_overrides():
     grpo, gspo = GRPO(model=spec, rewards=rewards), GSPO(model=spec, rewards=rewards)
     dapo = DAPO(model=spec, rewards=rewards)
     assert (grpo.hparams.importance_sampling_level, grpo.hparams.loss_agg_mode, grpo.hparams.beta,
-            grpo.hparams.kl_estimator, grpo.hparams.clip_low, grpo.hparams.clip_high) == \
+            grpo.kl_estimator, grpo.hparams.clip_low, grpo.hparams.clip_high) == \
         ("token", "seq-mean-token-mean", 0.04, "k3", 0.2, 0.2)
     assert (gspo.hparams.importance_sampling_level, gspo.hparams.clip_low, gspo.hparams.clip_high,
             gspo.hparams.beta) == ("sequence", 3e-4, 4e-4, 0.0)
     assert (dapo.hparams.clip_low, dapo.hparams.clip_high, dapo.hparams.loss_agg_mode, dapo.hparams.beta,
             dapo.hparams.dynamic_sampling, dapo.hparams.overlong_filtering) == (0.2, 0.28, "token-mean", 0.0, True, True)
-    assert dapo.rewards.names[-1] == "overlong"  # soft overlong punishment joins the rewards
-    assert GRPO(model=spec, rewards=rewards, beta=0.0).hparams.beta == 0.0
+    assert dapo.rewards.names[-1] == "overlong" and dapo.rewards.weights[-1] == 1.0  # soft overlong punishment
+    assert dapo.max_generation_rounds == DEFAULT_GENERATION_ROUNDS
+    assert GRPO(model=spec, rewards=rewards, beta=0.0).hparams.beta == 0.0  # no KL: no estimator to reject
+    assert GRPO(model=spec, rewards=rewards, kl_estimator="k1").kl_estimator == "k1"
+    assert DAPO(model=spec, rewards=rewards, overlong_buffer=0).rewards.names == ["arith_match"]
+    assert DAPO(model=spec, rewards=rewards, overlong_penalty_factor=0.5).rewards.weights[-1] == 0.5
+    assert DAPO(model=spec, rewards=rewards, max_generation_rounds=2).max_generation_rounds == 2
     assert isinstance(grpo, PolicyGradient) and type(grpo).__name__ == "GRPO"
 
 
@@ -110,6 +171,62 @@ def test_preset_recipe_defaults_reach_the_cli(tmp_path, tiny_export):
                 "--model.init_args.model.pretrained", tiny_export], run=False)
     assert type(cli.model).__name__ == "DAPO"
     assert cli.model.hparams.clip_high == 0.28 and cli.model.hparams.dynamic_sampling
+
+
+def test_mini_batches_beyond_the_rows_of_a_step_fail_when_fitting_starts(tmp_path):
+    """1 prompt x 4 samples per rank and step cannot make 5 mini-batches: fit fails before any
+    rollout (the data module says how many prompts a step takes), naming the setting."""
+    m, calls = _module(mini_batches=5, rewards=[ODD]), {}
+    _recording(m, calls)
+    with pytest.raises(ValueError, match=r"PolicyGradient\.mini_batches: 5 mini-batches .* samples 4 \(1 prompts"):
+        _trainer(tmp_path, max_steps=1).fit(m, datamodule=_data(prompts=1))
+    assert "collect" not in calls
+    _module(mini_batches=4, rewards=[ODD]).check_mini_batches(4)  # one row per mini-batch is enough
+
+
+def test_mini_batches_beyond_the_rows_fail_at_the_first_rollout_without_a_data_module(tmp_path):
+    dm = _data(prompts=1)
+    m, calls = _module(mini_batches=5, rewards=[ODD]), {}
+    _recording(m, calls)
+    dm.tokenizer = m.tokenizer
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"mini_batches: 5 mini-batches .* samples 4 \(the rollout's rows\)"):
+        _trainer(tmp_path, max_steps=1).fit(m, train_dataloaders=dm.train_dataloader())
+    assert len(calls["collect"]) == 1 and "micro" not in calls  # no step on an empty mini-batch
+
+
+# -- the rollout engine ---------------------------------------------------------------------
+def test_an_engine_named_by_import_path_does_every_rollout(tmp_path):
+    """The engine setting swaps the rollout backend without code changes: the module syncs its
+    weights and samples through it before each step, and trains on exactly what it returned."""
+    m, calls = _module(engine=FIXED_ENGINE, rewards=[ODD], num_iterations=1), {}
+    assert isinstance(m.engine, FixedEngine) and m.hparams.engine == FIXED_ENGINE
+    _recording(m, calls)
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(m, datamodule=_data(prompts=4))
+    assert [c[0] for c in m.engine.calls] == ["update_weights", "generate"] * 2
+    for (_, synced), (_, prompts, sampling, rollout), (trained, *_) in zip(
+            m.engine.calls[0::2], m.engine.calls[1::2], calls["collect"]):
+        assert synced is m.model
+        assert len(prompts["prompt_ids"]) == 4
+        assert (sampling.n, sampling.max_new_tokens, sampling.temperature) == (G, 4, 1.0)
+        assert trained is rollout
+    # the fixed completions of the first prompt: k = (s + 3 j) % 5 letters, k = 4 truncated
+    rollout = m.engine.calls[1][3]
+    valid = rollout.prompt_ids[0][rollout.prompt_mask[0].bool()]
+    s = int((valid * torch.arange(1, len(valid) + 1)).sum())
+    assert [len(c) for c in rollout.completions[:G]] == [(s + 3 * j) % 5 for j in range(G)]
+    assert rollout.truncated[:G].tolist() == [(s + 3 * j) % 5 == 4 for j in range(G)]
+
+
+def test_every_online_module_and_preset_takes_the_engine_setting():
+    spec, rewards = CausalLMSpec(config=tiny_config()), [RewardSpec("arith_match")]
+    for cls in (GRPO, GSPO, DAPO, PPO):
+        m = cls(model=spec, rewards=rewards, engine=FIXED_ENGINE)
+        assert isinstance(m.engine, FixedEngine) and m.hparams.engine == FIXED_ENGINE, cls.__name__
+        assert type(cls(model=spec, rewards=rewards).engine).__name__ == "HFEngine"
+    with pytest.raises(ValueError, match="PPO.engine: unknown engine"):
+        PPO(model=spec, rewards=rewards, engine="nope")
 
 
 # -- the loss ---------------------------------------------------------------------------
@@ -155,7 +272,7 @@ def test_one_micro_batch_equals_several(agg, level):
     torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-7)
 
 
-TWO_RANK_MODES = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+TWO_RANK_MODES = AGG_MODES
 
 
 def _flat_grad(m):
@@ -214,6 +331,136 @@ def test_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(two, _flat_grad(single), rtol=1e-5, atol=1e-7, msg=agg)
 
 
+def test_step_normalizers_count_every_real_row():
+    """Sequences of a step are its rows, whether or not any of their tokens carry loss; only
+    rows that fill a dynamic-sampling batch are left out."""
+    m = _module()
+    mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 0]])
+    tokens, seqs = m.step_normalizers(mask)
+    assert (tokens.item(), seqs.item()) == (3.0, 4.0)
+    tokens, seqs = m.step_normalizers(mask, torch.tensor([True, True, True, False]))
+    assert (tokens.item(), seqs.item()) == (3.0, 3.0)
+    _, seqs = m.step_normalizers(mask[:2] * 0, torch.tensor([False, False]))
+    assert seqs.item() == 1.0  # filler only: a zero loss, kept finite
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-sum-norm", "seq-mean-token-mean", "seq-mean-token-sum"])
+def test_overlong_filtering_keeps_the_sequence_denominator(tmp_path, agg):
+    """With overlong filtering the truncated rows carry no loss but stay sequences of the step:
+    Dr. GRPO's loss is sum over kept tokens / (all 16 rows x max_new_tokens), whatever the number
+    of truncated rows (first update: ratio 1, so each kept token's loss is -A)."""
+    m, calls = _module(engine=FIXED_ENGINE, rewards=[ODD], overlong_filtering=True, loss_agg_mode=agg,
+                       advantage_scale="none"), {}
+    seen = []
+    micro_loss = m.micro_loss
+
+    def rec(rollout, old_logp, ref_logp, advantages, loss_mask, num_tokens, num_seqs):
+        seen.append((loss_mask.clone(), advantages.clone(), num_tokens.item(), num_seqs.item()))
+        return micro_loss(rollout, old_logp, ref_logp, advantages, loss_mask, num_tokens, num_seqs)
+
+    m.micro_loss = rec
+    _recording(m, calls)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(m, datamodule=_data(prompts=4))
+    rollout, total, _, _ = calls["collect"][0]
+    truncated = rollout.truncated
+    assert 0 < int(truncated.sum()) < len(rollout)  # some rows are filtered, not all
+    (mask, adv, num_tokens, num_seqs), = seen
+    assert num_seqs == len(rollout) == 16  # the filtered rows still count
+    kept = ~truncated
+    assert mask[truncated].sum() == 0 and num_tokens == float(rollout.completion_mask[kept].sum())
+    adv_hand = total - total.view(-1, G).mean(-1).repeat_interleave(G)  # advantage_scale none
+    torch.testing.assert_close(adv, adv_hand)
+    lengths = rollout.completion_mask.sum(-1).float()
+    per_seq = {"seq-mean-token-sum-norm": -adv_hand * lengths / 4, "seq-mean-token-mean": -adv_hand,
+               "seq-mean-token-sum": -adv_hand * lengths}[agg]
+    expected = (per_seq * kept).sum() / 16
+    assert abs(float(expected)) > 1e-3
+    torch.testing.assert_close(trainer.callback_metrics["train/pg_loss"], expected.float())
+
+
+def fixed_reward(prompts, completions, meta, **context):
+    """A reward set by the row's place in its group (groups are consecutive rows), not by what
+    was sampled: the same on every rank for the same prompt."""
+    return [float((i % G) ** 2) for i in range(len(completions))]
+
+
+class StepRecord(L.Callback):
+    """Saves, per rank, the prompts trained on, the world size, the gradient of each optimizer
+    step (after DDP's all-reduce) and the weights at the start and the end of fit."""
+
+    def __init__(self, directory: str):
+        self.directory, self.prompts, self.grads, self.start = directory, [], [], None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start = torch.cat([p.detach().flatten() for p in pl_module.model.parameters()]).clone()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.prompts += list(batch["prompts"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.tokens = int(pl_module.engine.calls[-1][3].completion_mask.sum())
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append(torch.cat([p.grad.flatten() for p in pl_module.model.parameters()]).clone())
+
+    def on_fit_end(self, trainer, pl_module):
+        os.makedirs(self.directory, exist_ok=True)
+        torch.save({"prompts": self.prompts, "grads": self.grads, "world_size": trainer.world_size, "start": self.start,
+                    "tokens": self.tokens,
+                    "weights": torch.cat([p.detach().flatten() for p in pl_module.model.parameters()])},
+                   os.path.join(self.directory, f"rank{trainer.global_rank}.pt"))
+
+
+def fit_fixed(directory: str, devices: int, agg: str) -> None:
+    """One optimizer step of PolicyGradient on the 4 prompts of a tiny arith split, split over
+    ``devices`` DDP processes (gloo), with the fixed engine and reward: no randomness anywhere,
+    so any number of processes sees the same global batch."""
+    torch.set_num_threads(1)
+    m = PolicyGradient(model=CausalLMSpec(config=tiny_config(), seed=1), engine=FIXED_ENGINE, num_generations=G,
+                       rewards=[RewardSpec("tests.algorithms.test_policy_gradient:fixed_reward", label="fixed")],
+                       sampling=SamplingParams(max_new_tokens=4, temperature=1.0), loss_agg_mode=agg,
+                       # eps far above |grad|: Adam's first step is ~ -lr * grad / eps, so the weights
+                       # show the gradient's scale (a unit-eps Adam step would hide it as sign(grad))
+                       optim=OptimSpec(lr=1e-1, eps=1.0, warmup_steps=0, schedule="constant", grad_clip=None),
+                       eval_max_new_tokens=0)
+    trainer = L.Trainer(accelerator="cpu", devices=devices,
+                        strategy=DDPStrategy(process_group_backend="gloo") if devices > 1 else "auto",
+                        max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+                        default_root_dir=directory, callbacks=[StepRecord(directory)])
+    trainer.fit(m, datamodule=arith_prompts(prompts=4 // devices, train_size=4))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
+def test_ddp_fit_on_two_processes_equals_one(tmp_path, agg):
+    """PolicyGradient fit under DDP on 2 CPU processes, 2 prompts each (different token counts),
+    takes the same optimizer step as one process on all 4: same gradient, same weights."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, "-m", "tests.algorithms.test_policy_gradient", str(tmp_path / "ddp"), "2",
+                           agg], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt") for r in (0, 1)]
+    fit_fixed(str(tmp_path / "single"), 1, agg)
+    single = torch.load(tmp_path / "single" / "rank0.pt")
+    assert [r["world_size"] for r in ranks] == [2, 2] and single["world_size"] == 1
+    assert len(ranks[0]["prompts"]) == len(ranks[1]["prompts"]) == 2
+    assert ranks[0]["tokens"] != ranks[1]["tokens"]  # a mean of per-rank means would differ
+    assert sorted(ranks[0]["prompts"] + ranks[1]["prompts"]) == sorted(single["prompts"])  # one global batch
+    assert len(single["grads"]) == len(ranks[0]["grads"]) == 1
+    grad = single["grads"][0]
+    assert grad.abs().max() > 1e-4
+    assert torch.equal(ranks[0]["grads"][0], ranks[1]["grads"][0])
+    torch.testing.assert_close(ranks[0]["grads"][0], grad, rtol=1e-4, atol=1e-7)
+    assert torch.equal(ranks[0]["weights"], ranks[1]["weights"])
+    assert torch.equal(ranks[0]["start"], single["start"])
+    moved = single["weights"] - single["start"]
+    # Adam's first step with bias correction: -lr * g / (|g| + eps)
+    torch.testing.assert_close(moved, -0.1 * grad / (grad.abs() + 1.0), rtol=1e-3, atol=2e-7)  # float32 weights ~1
+    torch.testing.assert_close(ranks[0]["weights"] - ranks[0]["start"], moved, rtol=1e-4, atol=2e-7)
+
+
 def test_overlong_filtering_removes_truncated_rows_from_the_loss():
     m = _module(overlong_filtering=True)
     rollout = _rollout(m)
@@ -263,23 +510,108 @@ def test_several_iterations_use_the_rollout_log_probs_as_old(tmp_path):
         assert key in trainer.callback_metrics, key
 
 
-def test_dynamic_sampling_fills_the_batch_with_varied_groups(tmp_path):
-    m = _module(dynamic_sampling=True, max_generation_rounds=6,
-                rewards=[PARITY])
-    calls = {}
+def _record_samples(m):
+    """Every ``(rollout, total)`` the module samples, across dynamic-sampling rounds."""
+    seen, sample = [], m.sample
+
+    def rec(prompts):
+        out = sample(prompts)
+        seen.append((out[0], out[1]))
+        return out
+
+    m.sample = rec
+    return seen
+
+
+def _dynamic_fit(tmp_path, rounds):
+    m, calls = _module(dynamic_sampling=True, max_generation_rounds=rounds, rewards=[PARITY]), {}
     _recording(m, calls)
+    sampled = _record_samples(m)
     trainer = _trainer(tmp_path, max_steps=1)
     trainer.fit(m, datamodule=_data(prompts=6, train_size=40))
-    rollout, total, _, stats = calls["collect"][0]
+    groups = torch.cat([t for _, t in sampled]).view(-1, G)
+    return trainer, calls["collect"][0], groups.std(-1) > 0, [r.num_groups for r, _ in sampled]
+
+
+class GradAtStep(L.Callback):
+    """The flat gradient the optimizer steps on (after any clipping), at each optimizer step."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.grads.append(torch.cat([p.grad.flatten() for p in pl_module.model.parameters()]).clone())
+
+
+@pytest.mark.parametrize("grad_clip", [1e-3, None])
+def test_grad_clip_bounds_every_update(tmp_path, grad_clip):
+    """optim.grad_clip rescales each optimizer step's global gradient to norm <= the limit (the
+    unclipped norm is larger), keeping its direction; without it nothing is clipped."""
+    m = _module(rewards=[ODD], mini_batches=2, optim=OptimSpec(lr=1e-3, warmup_steps=0, schedule="constant",
+                                                              grad_clip=grad_clip))
+    seen, clip = [], m.clip_gradients
+
+    def spy(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        before = _flat_grad(m).clone()
+        clip(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        seen.append((before, _flat_grad(m).clone(), gradient_clip_val, gradient_clip_algorithm))
+
+    m.clip_gradients = spy
+    at_step = GradAtStep()
+    _trainer(tmp_path, max_steps=2, callbacks=[at_step]).fit(m, datamodule=_data(prompts=4))
+    assert len(at_step.grads) == 2
+    if grad_clip is None:
+        assert seen == []
+        return
+    assert len(seen) == 2  # once per optimizer step (2 mini-batches)
+    for (before, after, value, algorithm), stepped in zip(seen, at_step.grads):
+        assert (value, algorithm) == (grad_clip, "norm")
+        assert before.norm() > 10 * grad_clip  # clipping had work to do
+        assert after.norm() <= grad_clip * (1 + 1e-6)
+        assert after.norm().item() == pytest.approx(grad_clip, rel=1e-3)
+        torch.testing.assert_close(after, before * (grad_clip / before.norm()), rtol=1e-3, atol=1e-9)
+        assert torch.equal(stepped, after)  # the optimizer stepped on the clipped gradient
+
+
+def test_dynamic_sampling_fills_the_batch_with_varied_groups(tmp_path):
+    """Even-answer prompts always give a zero-variance group, odd ones never: with rounds enough
+    the 6 groups of the step all have varied rewards, none is a filler, and the logged drop
+    rate is the share of zero-variance groups among all groups sampled (not the varied groups
+    that came after the batch was full, which are logged as the surplus)."""
+    trainer, (rollout, total, _, stats), varied, sizes = _dynamic_fit(tmp_path, rounds=8)
     assert rollout.num_groups == 6 and len(total) == 6 * G
-    loss_rows = stats["loss_rows"]
+    assert stats["rounds"] == len(sizes) > 1 and sizes == [6] * len(sizes)
+    assert stats["filled_groups"] == 0 and stats["loss_rows"].all()
+    assert (total.view(-1, G).std(-1) > 0).all()  # every group of the batch carries a signal
+    assert int(varied[:-6].sum()) < 6 <= int(varied.sum())  # it stopped at the first round that filled it
+    answers = torch.tensor([int(m["answer"]) for m in rollout.meta[::G]])
+    assert (answers % 2 == 1).all()
+    zero = int((~varied).sum())
+    assert zero > 0
+    assert stats["drop_rate"] == pytest.approx(zero / len(varied))
+    assert stats["surplus_groups"] == int(varied.sum()) - 6
+    metrics = trainer.callback_metrics
+    assert metrics["train/dynamic_sampling/drop_rate"].item() == pytest.approx(zero / len(varied))
+    assert metrics["train/dynamic_sampling/surplus_groups"].item() == int(varied.sum()) - 6
+    assert metrics["train/dynamic_sampling/filled_groups"].item() == 0
+
+
+def test_dynamic_sampling_out_of_rounds_fills_with_groups_that_carry_no_loss(tmp_path):
+    """One round only: the zero-variance groups of that round fill the batch; they carry no
+    loss and are no sequences of the step's normaliser."""
+    trainer, (rollout, total, _, stats), varied, sizes = _dynamic_fit(tmp_path, rounds=1)
+    assert sizes == [6] and stats["rounds"] == 1
+    n_varied = int(varied.sum())
+    assert 0 < n_varied < 6 and stats["filled_groups"] == 6 - n_varied and stats["surplus_groups"] == 0
+    kept = stats["loss_rows"].view(-1, G)[:, 0]
+    assert kept.tolist() == [True] * n_varied + [False] * (6 - n_varied)
     groups = total.view(-1, G)
-    kept = loss_rows.view(-1, G)[:, 0]
-    assert stats["rounds"] > 1 and stats["drop_rate"] > 0
-    assert (groups[kept].std(-1) > 0).all()  # never a zero-variance group with loss
-    assert int(kept.sum()) + stats["filled_groups"] == 6
-    # the logged drop rate is the share of sampled groups left out
-    assert 0 < trainer.callback_metrics["train/dynamic_sampling/drop_rate"] < 1
+    assert (groups[kept].std(-1) > 0).all() and (groups[~kept].std(-1) == 0).all()
+    assert stats["drop_rate"] == pytest.approx((6 - n_varied) / 6)
+    mask = trainer.lightning_module.loss_mask(rollout, stats["loss_rows"])
+    assert mask[~stats["loss_rows"]].sum() == 0
+    _, seqs = trainer.lightning_module.step_normalizers(mask, stats["loss_rows"])
+    assert seqs.item() == n_varied * G
 
 
 @pytest.mark.parametrize("agg", ["token-mean", "seq-mean-token-sum-norm"])
@@ -356,3 +688,7 @@ def test_every_grpo_ablation_trains_through_the_cli(tmp_path, tiny_export, delta
     for key, value in yaml.safe_load(open(delta))["model"]["init_args"].items():
         assert cli.model.hparams[key] == value, key
     assert torch.isfinite(cli.trainer.callback_metrics["train/reward/mean"])
+
+
+if __name__ == "__main__":  # the 2-process test launches this file: python -m tests.algorithms.test_policy_gradient
+    fit_fixed(sys.argv[1], int(sys.argv[2]), sys.argv[3])

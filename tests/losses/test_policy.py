@@ -62,6 +62,43 @@ def test_each_agg_mode_passes_through(agg_mode, max_len, expected):
     assert m["clip_frac_low"].item() == pytest.approx(1 / 5)
 
 
+# ---------------------------------------------------------------- every level x every aggregation
+# row 0: A = +1, ratios 1.5, 0.5, 1.1 (all valid); row 1: A = -2, ratios 0.5, 1.1 and a masked
+# token whose log ratio of 5 must count nowhere. Clip range [0.8, 1.28].
+TABLE_RATIOS = [[1.5, 0.5, 1.1], [0.5, 1.1, math.exp(5.0)]]
+TABLE_MASK = torch.tensor([[1, 1, 1], [1, 1, 0]])
+# token level, L_t = max(-A r, -A clip(r)):
+#   row 0: -1.28 (1.5 clipped), -0.5, -1.1 -> sum -2.88 over 3 tokens
+#   row 1: 1.6 (0.5 clipped: max(1.0, 1.6)), 2.2 -> sum 3.8 over 2 tokens
+# sequence levels, s = exp(mean of the valid log ratios):
+#   row 0: s0 = 0.825^(1/3) = 0.938 inside the range: -s0 on 3 tokens -> sum -3 s0
+#   row 1: s1 = 0.55^(1/2) = 0.742 < 0.8: max(2 s1, 1.6) = 1.6 on 2 tokens -> sum 3.2
+# sequence-token has the sequence ratio's value (only its gradient is per token).
+S0_TABLE = 0.825 ** (1 / 3)
+# mode: (token-level loss, sequence-level loss); 2 sequences, 5 tokens, T = 3
+AGG_TABLE = {
+    ("token-mean", None): ((-2.88 + 3.8) / 5, (-3 * S0_TABLE + 3.2) / 5),
+    ("seq-mean-token-mean", None): ((-2.88 / 3 + 3.8 / 2) / 2, (-S0_TABLE + 1.6) / 2),
+    ("seq-mean-token-sum", None): ((-2.88 + 3.8) / 2, (-3 * S0_TABLE + 3.2) / 2),
+    ("seq-mean-token-sum-norm", None): ((-2.88 + 3.8) / (2 * 3), (-3 * S0_TABLE + 3.2) / (2 * 3)),
+    ("seq-mean-token-sum-norm", 10): ((-2.88 + 3.8) / (2 * 10), (-3 * S0_TABLE + 3.2) / (2 * 10)),
+}
+# level: (clip_frac_low, clip_frac_high) over the 5 valid tokens
+CLIP_TABLE = {"token": (1 / 5, 1 / 5), "sequence": (2 / 5, 0.0), "sequence-token": (2 / 5, 0.0)}
+
+
+@pytest.mark.parametrize("level", ["token", "sequence", "sequence-token"])
+@pytest.mark.parametrize("agg_mode, max_len", list(AGG_TABLE))
+def test_every_level_and_aggregation_against_hand_values(level, agg_mode, max_len):
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-0.7, -1.2, -3.0]], dtype=D)
+    logp = old + torch.tensor(TABLE_RATIOS, dtype=D).log()
+    loss, m = policy_loss(logp, old, torch.tensor([1.0, -2.0], dtype=D), TABLE_MASK, 0.2, 0.28, level=level,
+                          agg_mode=agg_mode, max_len=max_len)
+    expected = AGG_TABLE[(agg_mode, max_len)][0 if level == "token" else 1]
+    assert loss.item() == pytest.approx(expected, rel=1e-12)
+    assert (m["clip_frac_low"].item(), m["clip_frac_high"].item()) == pytest.approx(CLIP_TABLE[level])
+
+
 def test_num_tokens_passes_through():
     loss, _ = policy_loss(_logp(False), OLD, ADV, MASK, CLIP_LOW, CLIP_HIGH, num_tokens=10)
     assert loss.item() == pytest.approx((-2.88 + 4.6) / 10)

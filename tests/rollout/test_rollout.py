@@ -363,6 +363,57 @@ def test_greedy_matches_hand_argmax_loop_and_stops_at_eos():
     assert torch.allclose(a.logprobs.double(), reference_logprobs(model.eval(), a, 1.0), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("filtering", [dict(top_k=1), dict(top_p=1e-6), dict(top_k=1, top_p=0.5)],
+                         ids=["top_k=1", "top_p=1e-6", "both"])
+def test_top_k_one_or_tiny_top_p_samples_the_greedy_completion(filtering):
+    """At temperature 1, keeping only the most likely token (top-k 1, or a nucleus smaller than
+    any single token's probability) leaves no randomness: every seed gives the greedy rows,
+    which equal a hand argmax loop on each unpadded prompt."""
+    model = make_model("llama", eos_bias=2.5)  # some rows stop before the limit
+    prompts = prompt_batch(PROMPTS)
+    greedy = HFEngine(TOK).generate(model, prompts, SamplingParams(n=2, temperature=0.0, max_new_tokens=6))
+    for i, text in enumerate(PROMPTS):
+        loop = greedy_loop(model.eval(), byte_ids(text), 6)
+        for row in (2 * i, 2 * i + 1):
+            assert greedy.completion_ids[row, : int(greedy.lengths[row])].tolist() == loop
+    assert (~greedy.truncated).any()  # EOS is among the greedy tokens somewhere
+    for seed in (0, 1, 2):
+        torch.manual_seed(seed)
+        out = HFEngine(TOK).generate(model, prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=6, **filtering))
+        for name in ("completion_ids", "completion_mask", "truncated"):
+            assert torch.equal(getattr(out, name), getattr(greedy, name)), (name, seed)
+        assert out.completions == greedy.completions
+        # both scored under the unfiltered softmax(logits / 1)
+        assert torch.allclose(out.logprobs, greedy.logprobs, atol=1e-6, rtol=0)
+    # not vacuous: without the filter, temperature-1 samples leave the greedy path
+    torch.manual_seed(0)
+    free = HFEngine(TOK).generate(model, prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=6))
+    assert free.completions != greedy.completions
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.0])
+def test_generation_runs_on_the_kv_cache(temperature):
+    """``generate`` is called with ``use_cache=True`` and decodes incrementally: one forward over
+    the prompt, then one new token per forward (without the cache each step re-reads all)."""
+    model = make_model("llama", eos_bias=None)  # never stops: all 5 steps run
+    calls, widths, original = [], [], model.generate
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    model.generate = spy
+    model.register_forward_pre_hook(lambda mod, args, kwargs: widths.append(kwargs["input_ids"].shape[1]),
+                                    with_kwargs=True)
+    prompts = prompt_batch(PROMPTS)
+    rollout = HFEngine(TOK).generate(model, prompts, SamplingParams(n=2, temperature=temperature, max_new_tokens=5))
+    assert len(calls) == 1 and calls[0]["use_cache"] is True
+    p = prompts["prompt_ids"].shape[1]
+    assert widths[:5] == [p, 1, 1, 1, 1]
+    assert widths[5:] == [p + 5]  # then one teacher-forced scoring forward (no cache)
+    assert rollout.completion_ids.shape == (6, 5)
+
+
 # ---------------------------------------------------------------- modes and autograd
 
 

@@ -1,0 +1,133 @@
+"""The rollout interface: sampling settings, the abstract engine and the engine registry.
+
+An online RL module holds one :class:`RolloutEngine`, chosen by name (``engine: hf``) or by
+import path (``engine: my_pkg.engines:VLLMEngine``), and calls, before every rollout,
+``engine.update_weights(model)`` and then ``engine.generate(model, prompts, sampling)``.
+A new backend is a subclass of :class:`RolloutEngine`; the algorithms do not change.
+"""
+
+from __future__ import annotations
+
+import abc
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lit_align.registry import import_object, register_into
+from lit_align.rollout.batch import RolloutBatch
+
+
+@dataclass
+class SamplingParams:
+    """How to sample completions.
+
+    Args:
+        max_new_tokens: generation limit per completion.
+        temperature: softmax temperature; 0 means greedy decoding.
+        top_p: nucleus sampling threshold (1.0: off).
+        top_k: keep the k most likely tokens (0: off).
+        n: completions per prompt (all in one batched call).
+    """
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.n < 1:
+            raise ValueError(f"sampling: invalid settings {self}")
+
+
+class RolloutEngine(abc.ABC):
+    """Samples completions for a batch of prompts and scores them under the sampling policy.
+
+    Args:
+        tokenizer: the policy's tokenizer (pad and EOS ids, decoding).
+        logprob_batch_size: rows per forward when scoring the samples (the module passes its
+            ``forward_batch_size``).
+
+    Online RL modules build their engine as ``cls(tokenizer, logprob_batch_size=...)`` and, before
+    each rollout, call :meth:`update_weights` and then :meth:`generate`, always with the live
+    training model.
+    """
+
+    def __init__(self, tokenizer, logprob_batch_size: int = 32):
+        if logprob_batch_size < 1:
+            raise ValueError(f"logprob_batch_size: must be >= 1, got {logprob_batch_size}")
+        self.tokenizer = tokenizer
+        self.logprob_batch_size = logprob_batch_size
+
+    @abc.abstractmethod
+    def update_weights(self, model: torch.nn.Module) -> None:
+        """Make the next :meth:`generate` sample from ``model``'s current weights.
+
+        An engine that holds its own copy of the weights (vLLM, a separate inference server)
+        copies them here, once per rollout; an engine that generates with ``model`` itself has
+        nothing to do. Collective under sharding: every rank calls it."""
+
+    @abc.abstractmethod
+    def generate(self, model: torch.nn.Module, prompts: dict, sampling: SamplingParams) -> RolloutBatch:
+        """``sampling.n`` completions of each prompt.
+
+        Args:
+            model: the training policy. An engine with its own weights (synced in
+                :meth:`update_weights`) may ignore it for sampling, but the returned
+                ``logprobs`` must be those the training forward computes (see below).
+            prompts: ``prompt_ids`` and ``prompt_mask`` ``[B, P]`` (left-padded), optional
+                ``prompts`` (``B`` texts) and ``meta`` (``B`` dicts).
+            sampling: temperature, top-p/top-k, ``max_new_tokens`` and ``n``.
+        Returns:
+            A :class:`RolloutBatch` of ``B * n`` rows, the ``n`` samples of a prompt consecutive
+            (``group_size = n``), whose ``logprobs`` ``[B * n, C]`` are
+            :func:`~lit_align.rollout.chunked_logprobs` of ``model`` at ``sampling.temperature``
+            (temperature 0 scores at 1), so that the first update's importance ratio is 1.
+        """
+
+
+#: Engine name -> class. ``hf`` (:class:`~lit_align.rollout.HFEngine`) is built in.
+ENGINES: dict[str, type[RolloutEngine]] = {}
+
+
+def _check_engine_class(cls) -> None:
+    if not (inspect.isclass(cls) and issubclass(cls, RolloutEngine)):
+        raise ValueError(f"{cls!r} is not a subclass of lit_align.rollout.RolloutEngine")
+    if inspect.isabstract(cls):
+        raise ValueError(f"{cls.__name__} leaves abstract methods unimplemented "
+                         f"({', '.join(sorted(cls.__abstractmethods__))})")
+
+
+def register_engine(name: str) -> Callable[[type[RolloutEngine]], type[RolloutEngine]]:
+    """Class decorator adding a :class:`RolloutEngine` subclass to :data:`ENGINES` under ``name``.
+
+    Registering a different class under a taken name raises ``ValueError``: a silent override
+    would change what an existing config runs."""
+    return register_into(ENGINES, "register_engine", name, check=_check_engine_class)
+
+
+def resolve_engine(name: str) -> type[RolloutEngine]:
+    """The engine class of a registered ``name`` or of an import path ``"package.module:Class"``.
+
+    Raises ``ValueError`` for an unknown name, an import path that does not import, or an
+    object that is not a concrete :class:`RolloutEngine` subclass."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{name!r} is not an engine name or an import path 'package.module:Class'")
+    if name in ENGINES:
+        return ENGINES[name]
+    if ":" not in name:
+        raise ValueError(f"unknown engine {name!r}: not a built-in ({', '.join(sorted(ENGINES))}) "
+                         "nor an import path 'package.module:Class'")
+    try:
+        obj = import_object(name)
+        _check_engine_class(obj)
+    except ValueError as e:
+        raise ValueError(f"{name!r}: {e}") from e
+    return obj
+
+
+def build_engine(name: str, tokenizer, logprob_batch_size: int = 32) -> RolloutEngine:
+    """``resolve_engine(name)(tokenizer, logprob_batch_size=logprob_batch_size)``."""
+    return resolve_engine(name)(tokenizer, logprob_batch_size=logprob_batch_size)
