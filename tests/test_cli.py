@@ -85,3 +85,12 @@ def test_every_recipe_parses_and_instantiates(path, tmp_path):
         assert cli.model.spec.pretrained == stand_ins[stand_ins.index("--model.init_args.model.pretrained") + 1]
     cli.model.configure_model()
     assert cli.model.model is not None
+
+
+def test_without_generation_the_best_checkpoint_is_the_lowest_val_loss(tmp_path):
+    cli = main(["fit", "--config", QUICKSTART, *FAST, "--model.init_args.eval_max_new_tokens", "0", *_dirs(tmp_path),
+                "--export_hf", "false"])
+    assert cli.model.monitor == ("val/loss", "min") and "val/exact_match" not in cli.trainer.callback_metrics
+    best = cli.trainer.checkpoint_callback
+    assert best.monitor == "val/loss" and os.path.basename(best.best_model_path).startswith("best-step")
+    assert best.best_model_score == pytest.approx(float(cli.trainer.callback_metrics["val/loss"]))

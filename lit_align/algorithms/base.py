@@ -33,7 +33,13 @@ class CausalLMModule(L.LightningModule):
         lora: train low-rank adapters instead of the full model (:class:`~lit_align.models.LoraSpec`).
     """
 
-    monitor = ("val/exact_match", "max")
+    # without generation there is no exact match: keep the best held-out loss instead
+    fallback_monitor = ("val/loss", "min")
+
+    @property
+    def monitor(self) -> tuple[str | None, str]:
+        """``(metric, mode)`` the best checkpoint is chosen by (``checkpoints/<name>/best-step*.ckpt``)."""
+        return ("val/exact_match", "max") if self.eval_max_new_tokens > 0 else self.fallback_monitor
 
     def __init__(self, model: CausalLMSpec, optim: OptimSpec | None = None, eval_max_new_tokens: int = 32,
                  num_logged_samples: int = 4, lora: LoraSpec | None = None):

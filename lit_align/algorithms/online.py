@@ -45,7 +45,8 @@ class OnlineRLModule(CausalLMModule):
             ``Class(tokenizer, logprob_batch_size=forward_batch_size)``.
     """
 
-    monitor = ("val/exact_match", "max")
+    # held-out generation is the only validation: without it, checkpoints keep the last only
+    fallback_monitor = (None, "min")
 
     def __init__(self, model: CausalLMSpec, optim: OptimSpec | None, rewards: list[RewardSpec] | None,
                  sampling: SamplingParams | None, num_generations: int, beta: float, kl_estimator: str | None,

@@ -78,8 +78,6 @@ class PolicyGradient(OnlineRLModule):
     Invalid combinations fail here, at construction.
     """
 
-    monitor = ("val/exact_match", "max")
-
     def __init__(self, model: CausalLMSpec, optim: OptimSpec | None = None, rewards: list[RewardSpec] | None = None,
                  num_generations: int = 8, sampling: SamplingParams | None = None, advantage_scale: str = "group",
                  clip_low: float = 0.2, clip_high: float = 0.2, importance_sampling_level: str = "token",

@@ -47,7 +47,7 @@ class RewardModel(CausalLMModule):
         num_logged_samples: pairs written to TensorBoard as text, with their scores, at each validation.
     """
 
-    monitor = ("val/accuracy", "max")
+    monitor = ("val/accuracy", "max")  # a reward model does not generate
 
     def __init__(self, model: CausalLMSpec, optim: OptimSpec | None = None, center_coef: float = 0.0,
                  use_margin: bool = True, num_logged_samples: int = 4):
