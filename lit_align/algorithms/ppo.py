@@ -70,6 +70,9 @@ class PPO(OnlineRLModule):
     (:func:`~lit_align.losses.value_loss`) with their own optimizers, schedules and clipping.
     ``trainer.max_steps`` counts optimizer steps of both (two per mini-batch).
 
+    Under data parallelism each rank whitens its advantages over its own rollout's valid tokens
+    (the mean and variance are not all-reduced, as in TRL), so ranks use different statistics.
+
     Args:
         model: the actor (usually an SFT checkpoint's HF export).
         optim: the actor's optimizer, schedule and gradient clipping.
@@ -85,13 +88,16 @@ class PPO(OnlineRLModule):
         adaptive_kl: adapt ``beta`` towards a target KL (:class:`AdaptiveKL`); ``None``: fixed.
         missing_eos_penalty: subtracted from the score of completions with no EOS.
         gamma, lam: GAE discount and lambda.
-        whiten_advantages: normalise advantages to zero mean, unit variance over valid tokens.
+        whiten_advantages: normalise advantages to zero mean, unit variance over valid tokens
+            (the rank's own rollout rows; no all-reduce under data parallelism).
         clip_range: policy ratio clip epsilon.
         clip_range_value: value clip (``None``: unclipped value loss).
         vf_coef: value loss weight.
         entropy_coef: entropy bonus weight (0: none).
         ppo_epochs: passes over each rollout batch.
-        mini_batches: optimizer steps per pass.
+        mini_batches: optimizer steps per pass (of each optimizer), each on an equal share of the
+            rollout; at most the rows a rank samples per step (prompts per batch x
+            ``num_generations``), checked when fitting starts.
         forward_batch_size: rows per forward/backward.
         reference, lora, eval_max_new_tokens, num_logged_samples, engine: as in :class:`OnlineRLModule`.
     """
@@ -138,6 +144,25 @@ class PPO(OnlineRLModule):
         super().configure_model()
         if self.critic is None:
             self.critic = self.shard(disable_dropout(build_reward_model(self.value_spec, self.tokenizer).train()))
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        # fail before the first rollout when the data module says how many prompts a step takes
+        dm = getattr(self.trainer, "datamodule", None)
+        prompts = getattr(getattr(dm, "hparams", None), "micro_batch_size", None)
+        if isinstance(prompts, int):
+            self.check_mini_batches(prompts * self.hparams.num_generations, prompts)
+
+    def check_mini_batches(self, rows: int, prompts: int | None = None) -> None:
+        """Raise unless each of the ``mini_batches`` optimizer steps gets at least one of the
+        ``rows`` a rank samples per step (an empty mini-batch would step on no gradient)."""
+        h = self.hparams
+        if rows < h.mini_batches:
+            source = f"{prompts} prompts (data.micro_batch_size) x num_generations {h.num_generations}" \
+                if prompts is not None else "the rollout's rows"
+            raise ValueError(f"{type(self).__name__}.mini_batches: {h.mini_batches} mini-batches per pass need at "
+                             f"least {h.mini_batches} rows per rank and step, but a step samples {rows} ({source}); "
+                             "lower mini_batches or sample more prompts per step")
 
     def configure_optimizers(self):
         # two optimizers: the trainer counts both; each steps once per mini-batch
@@ -238,6 +263,7 @@ class PPO(OnlineRLModule):
         (actor_opt, critic_opt), (actor_sched, critic_sched) = self.optimizers(), self.lr_schedulers()
         world = self.trainer.world_size if self.trainer is not None else 1
         n = len(rollout)
+        self.check_mini_batches(n)
         bounds = [round(i * n / h.mini_batches) for i in range(h.mini_batches + 1)]
         sums, count = defaultdict(float), 0
         for _ in range(h.ppo_epochs):

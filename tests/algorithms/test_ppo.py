@@ -1,6 +1,7 @@
-"""PPO: adaptive KL, settings, critic values, per-token rewards / GAE targets, the first-update
-ratio, one optimizer per model, micro-batch invariance, KL coefficient in checkpoints, the
-recipes through the CLI and a short learning run."""
+"""PPO: adaptive KL, settings, critic values, per-token rewards / GAE targets, mini-batches per
+rollout, the first-update ratio, one optimizer per model and its own gradient clipping,
+micro-batch invariance, KL coefficient in checkpoints, the recipes through the CLI and a short
+learning run."""
 
 import os
 
@@ -283,6 +284,28 @@ def test_training_step_penalises_missing_eos_and_starts_at_ratio_one(tmp_path):
     assert metrics["train/kl_coef"].item() == pytest.approx(0.1)
 
 
+def test_mini_batches_beyond_the_rows_of_a_step_fail_when_fitting_starts(tmp_path):
+    """1 prompt x 4 samples per rank and step cannot make 5 mini-batches: fit fails before any
+    rollout (the data module says how many prompts a step takes), naming the setting."""
+    m, calls = _module(mini_batches=5), {}
+    _recording(m, calls)
+    with pytest.raises(ValueError, match=r"PPO\.mini_batches: 5 mini-batches .* samples 4 \(1 prompts"):
+        _trainer(tmp_path, max_steps=2).fit(m, datamodule=_data(prompts=1))
+    assert "sample" not in calls
+    _module(mini_batches=4).check_mini_batches(4)  # one row per mini-batch is enough
+
+
+def test_mini_batches_beyond_the_rows_fail_at_the_first_rollout_without_a_data_module(tmp_path):
+    dm = _data(prompts=1)
+    m, calls = _module(mini_batches=5), {}
+    _recording(m, calls)
+    dm.tokenizer = m.tokenizer
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"PPO\.mini_batches: 5 mini-batches .* samples 4 \(the rollout's rows\)"):
+        _trainer(tmp_path, max_steps=2).fit(m, train_dataloaders=dm.train_dataloader())
+    assert len(calls["sample"]) == 1 and "micro" not in calls  # no step on an empty mini-batch
+
+
 def test_first_micro_batch_ratio_is_exactly_one():
     m = _module()
     rollout = _rollout(m)
@@ -331,6 +354,56 @@ def test_a_step_changes_only_the_model_whose_optimizer_has_a_learning_rate(tmp_p
     assert len(changed) >= len(before[moving]) // 2, changed
     if moving == "critic":
         assert "score.weight" in changed  # the value head learns
+
+
+class GradAtStep(L.Callback):
+    """The flat gradient each optimizer steps on (after any clipping), in step order, flattened
+    in its model's parameter order (the optimizer's groups order them differently)."""
+
+    def __init__(self):
+        self.grads = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        model = next(x for x in (pl_module.model, pl_module.critic) if params == {id(p) for p in x.parameters()})
+        self.grads.append((model, torch.cat([p.grad.flatten() for p in model.parameters()]).clone()))
+
+
+def test_each_optimizer_clips_its_own_gradients_to_its_own_limit(tmp_path):
+    """The actor's grad_clip (1e-3) and the critic's (2e-3) each rescale only their own model's
+    gradient, to norm = their own limit (the unclipped norms are larger), keeping its direction;
+    each optimizer steps on its clipped gradient."""
+    limits = {"model": 1e-3, "critic": 2e-3}
+    m = _module(beta=0.1, ppo_epochs=1, mini_batches=1,
+                optim=OptimSpec(lr=1e-3, schedule="constant", grad_clip=limits["model"]),
+                critic_optim=OptimSpec(lr=1e-3, schedule="constant", grad_clip=limits["critic"]))
+    flat = lambda model: torch.cat([p.grad.flatten() for p in model.parameters()])  # noqa: E731
+    seen, clip = [], m.clip_gradients
+
+    def spy(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        params = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        name = next(n for n in limits if params == {id(p) for p in getattr(m, n).parameters()})
+        other = "critic" if name == "model" else "model"
+        before, untouched = flat(getattr(m, name)).clone(), flat(getattr(m, other)).clone()
+        clip(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        assert torch.equal(flat(getattr(m, other)), untouched)  # the other model's gradient is left alone
+        seen.append((name, before, flat(getattr(m, name)).clone(), gradient_clip_val, gradient_clip_algorithm))
+
+    m.clip_gradients = spy
+    at_step = GradAtStep()
+    trainer = _trainer(tmp_path, max_steps=2, callbacks=[at_step])
+    trainer.fit(m, datamodule=_data())
+    assert trainer.global_step == 2
+    assert [name for name, *_ in seen] == ["model", "critic"]  # one optimizer step each
+    assert [model for model, _ in at_step.grads] == [m.model, m.critic]
+    for (name, before, after, value, algorithm), (_, stepped) in zip(seen, at_step.grads):
+        limit = limits[name]
+        assert (value, algorithm) == (limit, "norm")
+        assert before.norm() > 10 * limit, name  # clipping had work to do
+        assert after.norm() <= limit * (1 + 1e-6), name
+        assert after.norm().item() == pytest.approx(limit, rel=1e-3), name
+        torch.testing.assert_close(after, before * (limit / before.norm()), rtol=1e-3, atol=1e-9)
+        assert torch.equal(stepped, after), name  # the optimizer stepped on the clipped gradient
 
 
 def _micro_grads(m, rollout, old_logp, old_values, adv, returns, size):
