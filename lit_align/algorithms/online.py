@@ -101,6 +101,22 @@ class OnlineRLModule(CausalLMModule):
     def on_fit_start(self) -> None:
         super().on_fit_start()
         self.rewards.setup(self.device)
+        # fail before the first rollout when the data module says how many prompts a step takes
+        dm = getattr(self.trainer, "datamodule", None)
+        prompts = getattr(getattr(dm, "hparams", None), "micro_batch_size", None)
+        if isinstance(prompts, int):
+            self.check_mini_batches(prompts * self.num_generations, prompts)
+
+    def check_mini_batches(self, rows: int, prompts: int | None = None) -> None:
+        """Raise unless each of the ``mini_batches`` optimizer steps gets at least one of the
+        ``rows`` a rank samples per step (an empty mini-batch would step on no gradient)."""
+        mini_batches = self.hparams.mini_batches
+        if rows < mini_batches:
+            source = f"{prompts} prompts (data.micro_batch_size) x num_generations {self.num_generations}" \
+                if prompts is not None else "the rollout's rows"
+            raise ValueError(f"{type(self).__name__}.mini_batches: {mini_batches} mini-batches per pass need at "
+                             f"least {mini_batches} rows per rank and step, but a step samples {rows} ({source}); "
+                             "lower mini_batches or sample more prompts per step")
 
     @torch.no_grad()
     def reference_logprobs(self, rollout: RolloutBatch) -> torch.Tensor:

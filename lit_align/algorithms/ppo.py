@@ -145,25 +145,6 @@ class PPO(OnlineRLModule):
         if self.critic is None:
             self.critic = self.shard(disable_dropout(build_reward_model(self.value_spec, self.tokenizer).train()))
 
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        # fail before the first rollout when the data module says how many prompts a step takes
-        dm = getattr(self.trainer, "datamodule", None)
-        prompts = getattr(getattr(dm, "hparams", None), "micro_batch_size", None)
-        if isinstance(prompts, int):
-            self.check_mini_batches(prompts * self.hparams.num_generations, prompts)
-
-    def check_mini_batches(self, rows: int, prompts: int | None = None) -> None:
-        """Raise unless each of the ``mini_batches`` optimizer steps gets at least one of the
-        ``rows`` a rank samples per step (an empty mini-batch would step on no gradient)."""
-        h = self.hparams
-        if rows < h.mini_batches:
-            source = f"{prompts} prompts (data.micro_batch_size) x num_generations {h.num_generations}" \
-                if prompts is not None else "the rollout's rows"
-            raise ValueError(f"{type(self).__name__}.mini_batches: {h.mini_batches} mini-batches per pass need at "
-                             f"least {h.mini_batches} rows per rank and step, but a step samples {rows} ({source}); "
-                             "lower mini_batches or sample more prompts per step")
-
     def configure_optimizers(self):
         # two optimizers: the trainer counts both; each steps once per mini-batch
         steps = int(self.trainer.estimated_stepping_batches)
