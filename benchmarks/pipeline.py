@@ -30,6 +30,7 @@ class Stage:
     recipe: str                   # under configs/
     metrics: tuple[str, ...]      # logged scalars to report, the first is the headline
     before: bool = False          # validate the starting model first
+    start: str = "random init"    # what the stage starts from, when it is not validated first
 
 
 STAGES = (
@@ -42,8 +43,10 @@ STAGES = (
     Stage("dapo/arith.yaml", ("val/exact_match", "train/reward/mean", "train/dynamic_sampling/rounds"), before=True),
     Stage("ppo/arith_rule.yaml", ("val/exact_match", "train/score"), before=True),
     Stage("ppo/arith_rm.yaml", ("val/exact_match", "train/score"), before=True),
-    Stage("llava/stage1_shapes.yaml", ("val/loss", "val/exact_match")),
-    Stage("llava/stage2_shapes.yaml", ("val/exact_match", "val/exact_match/count", "val/loss")),
+    Stage("llava/lm_shapes.yaml", ("val/exact_match", "val/loss")),
+    Stage("llava/stage1_shapes.yaml", ("val/exact_match", "val/loss"), start="LM stage export, random projector"),
+    Stage("llava/stage2_shapes.yaml", ("val/exact_match", "val/exact_match/count", "val/loss"),
+          start="stage 1 export"),
     Stage("llava/dpo_shapes.yaml", ("val/exact_match", "val/exact_match/unanswerable", "val/rewards/accuracies"),
           before=True),
 )
@@ -102,7 +105,7 @@ def run_stage(stage: Stage, logs_dir: str, extra: list[str]) -> list[str]:
         start = scalars(newest_version(logs_dir, name))
         cells.append(", ".join(f"{m} {start[m][-1][1]:.3f}" for m in stage.metrics if m in start) or "n/a")
     else:
-        cells.append("random init" if "stage2" not in stage.recipe else "stage 1 export")
+        cells.append(stage.start)
     seconds = launch("fit", stage.recipe, logs_dir, extra)
     logged = scalars(newest_version(logs_dir, name))
     curves = "<br>".join(f"`{m}` {describe(m, logged.get(m, []))}" for m in stage.metrics)

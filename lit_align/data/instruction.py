@@ -8,14 +8,15 @@ from lit_align.data.base import TextDataModule
 from lit_align.data.batching import collate_packed, collate_rows, pack_rows
 from lit_align.data.encode import encode_segments
 from lit_align.data.formats import DEFAULT_COLUMNS, FORMATS, Where, detect_format, row_to_segments
-from lit_align.data.tasks import ArithTask
+from lit_align.data.tasks import ArithTask, ShapesTextTask
 
 
 class InstructionDataModule(TextDataModule):
     """Instruction and chat data with the loss on completion / assistant tokens only.
 
     Args:
-        task: a built-in task (``arith``) used when ``path`` and ``data_files`` are unset.
+        task: a built-in task (``arith``, or ``shapes`` rendered as text: the LM stage before
+            LLaVA stage 1) used when ``path`` and ``data_files`` are unset.
         path: hub id, local folder, or a local json/jsonl/parquet/csv file.
         data_files: files for ``datasets``' json/csv/parquet builders (a dict maps splits to files).
         name: dataset configuration name.
@@ -45,7 +46,7 @@ class InstructionDataModule(TextDataModule):
     left-padded ``prompt_ids``/``prompt_mask``, ``references`` and ``meta``.
     """
 
-    def __init__(self, task: ArithTask | None = None, path: str | None = None,
+    def __init__(self, task: ArithTask | ShapesTextTask | None = None, path: str | None = None,
                  data_files: str | list[str] | dict[str, Any] | None = None, name: str | None = None,
                  train_split: str = "train", val_split: str | None = "validation", test_split: str | None = "test",
                  val_fraction: float = 0.0, format: str = "auto", columns: dict[str, str] | None = None,

@@ -10,7 +10,7 @@ import torch
 from lit_align import LLaVA, CausalLMSpec, ImageInstructionDataModule, ShapesTask
 from lit_align.models.llava import load_llava
 from lit_align.models.vision import VisionTowerSpec
-from tests.conftest import fit_recipe, tiny_config
+from tests.conftest import fit_recipe, tiny_config, write_tiny_export
 
 TOWER = VisionTowerSpec(library="timm", name="vit_tiny_patch16_224",
                         kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
@@ -117,14 +117,16 @@ def test_fsdp2_is_refused_with_a_clear_message():
         m.configure_model()
 
 
-TINY = ["--model.init_args.model.config.hidden_size", "32", "--model.init_args.model.config.intermediate_size", "64",
-        "--model.init_args.model.config.num_attention_heads", "2", "--model.init_args.model.config.num_key_value_heads",
-        "2", "--model.init_args.vision_tower.kwargs", '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}',
+TINY = ["--model.init_args.vision_tower.kwargs", '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}',
         "--data.init_args.task.train_size", "32", "--model.init_args.eval_max_new_tokens", "4"]
 
 
 def test_stage1_stage2_dpo_chain_through_the_cli(tmp_path):
-    s1 = fit_recipe("configs/llava/stage1_shapes.yaml", tmp_path / "s1", max_steps=2, extra=TINY)
+    # stage 1 reads the LM stage's export: a tiny text LM stands in for it
+    lm = write_tiny_export(tmp_path / "lm")
+    s1 = fit_recipe("configs/llava/stage1_shapes.yaml", tmp_path / "s1", pretrained=lm, max_steps=2, extra=TINY)
+    # the recipe's stage 1 trains the projector alone, as in the paper
+    assert {n.split(".")[0] for n, p in s1.model.model.named_parameters() if p.requires_grad} == {"projector"}
     export1 = str(tmp_path / "s1" / "ckpt" / "t" / "hf")
     assert s1.trainer.global_step == 2 and torch.isfinite(s1.trainer.callback_metrics["val/exact_match"])
     # the export rebuilds the whole model with the same outputs

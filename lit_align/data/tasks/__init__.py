@@ -2,7 +2,8 @@
 
 from lit_align.data.tasks.arith import ArithTask
 from lit_align.data.tasks.shapes import ShapesTask
+from lit_align.data.tasks.shapes_text import ShapesTextTask
 
-TASKS = {"arith": ArithTask, "shapes": ShapesTask}
+TASKS = {"arith": ArithTask, "shapes": ShapesTask, "shapes_text": ShapesTextTask}
 
-__all__ = ["ArithTask", "ShapesTask", "TASKS"]
+__all__ = ["ArithTask", "ShapesTask", "ShapesTextTask", "TASKS"]
