@@ -233,17 +233,19 @@ class ShapesTask:
         (``preference``, the explicit-prompt format of the preference data)."""
         if kind not in ("caption", "instruction", "preference"):
             raise ValueError(f"shapes: unknown row kind {kind!r} (caption, instruction, preference)")
+
+        def scene_rows(split: str, i: int, scene: Scene) -> list[dict]:
+            image = self.draw(scene, random.Random(f"{self.seed}:{split}:{i}:image"))
+            return [{"id": f"{split}-{i}", **self.row(scene, kind, random.Random(f"{self.seed}:{split}:{i}:{kind}"), image)}]
+
+        return self.rows_per_split(scene_rows)
+
+    def rows_per_split(self, scene_rows) -> dict[str, list[dict]]:
+        """``{split: rows}`` with ``scene_rows(split, i, scene) -> list[dict]`` called for scene
+        ``i`` of every split (``train_size`` training scenes, ``val_size`` held-out ones each)."""
         sizes = {"train": self.train_size, "validation": self.val_size, "test": self.val_size}
-        out: dict[str, list[dict]] = {}
-        for split, n in sizes.items():
-            rows = []
-            for i in range(n):
-                scene = self.scene(split, i)
-                image = self.draw(scene, random.Random(f"{self.seed}:{split}:{i}:image"))
-                row = self.row(scene, kind, random.Random(f"{self.seed}:{split}:{i}:{kind}"), image)
-                rows.append({"id": f"{split}-{i}", **row})
-            out[split] = rows
-        return out
+        return {split: [row for i in range(n) for row in scene_rows(split, i, self.scene(split, i))]
+                for split, n in sizes.items()}
 
     @staticmethod
     def check(completion: str, answer: str) -> bool:

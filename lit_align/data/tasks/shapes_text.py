@@ -105,14 +105,6 @@ class ShapesTextTask(ShapesTask):
         ``instruction`` (the only kind; these are instruction rows whatever ``kinds`` holds)."""
         if kind != "instruction":
             raise ValueError(f"shapes_text: unknown row kind {kind!r} (instruction: set `kinds` to choose the rows)")
-        sizes = {"train": self.train_size, "validation": self.val_size, "test": self.val_size}
-        out: dict[str, list[dict]] = {}
-        for split, n in sizes.items():
-            rows = []
-            for i in range(n):
-                scene = self.scene(split, i)
-                for k in self.kinds:
-                    row = self.text_row(scene, k, random.Random(f"{self.seed}:{split}:{i}:{k}"))
-                    rows.append({"id": f"{split}-{i}-{k}", **row})
-            out[split] = rows
-        return out
+        return self.rows_per_split(lambda split, i, scene: [
+            {"id": f"{split}-{i}-{k}", **self.text_row(scene, k, random.Random(f"{self.seed}:{split}:{i}:{k}"))}
+            for k in self.kinds])
