@@ -46,7 +46,7 @@ class InstructionDataModule(TextDataModule):
     left-padded ``prompt_ids``/``prompt_mask``, ``references`` and ``meta``.
     """
 
-    def __init__(self, task: ArithTask | ShapesTextTask | None = None, path: str | None = None,
+    def __init__(self, task: ShapesTextTask | ArithTask | None = None, path: str | None = None,
                  data_files: str | list[str] | dict[str, Any] | None = None, name: str | None = None,
                  train_split: str = "train", val_split: str | None = "validation", test_split: str | None = "test",
                  val_fraction: float = 0.0, format: str = "auto", columns: dict[str, str] | None = None,

@@ -63,7 +63,7 @@ def test_held_out_scenes_never_in_training():
     assert not rendered["train"] & rendered["test"]
     assert not rendered["validation"] & rendered["test"]
     for split in rows:
-        assert all(task.split_of(task.scene(split, i)) == split for i in range(50))
+        assert all(task.scenes.split_of(task.scenes.scene(split, i)) == split for i in range(50))
 
 
 def test_kinds_select_the_rows():
@@ -122,7 +122,23 @@ def test_lm_recipe_grid_fills_the_stage1_towers_image_tokens():
     assert text.get("rendering", "grid") == "grid"
     assert text["grid_size"] == tower["img_size"] // tower["patch_size"]
     image = stage1["data"]["init_args"]["task"]
-    for key in ("image_size", "colors", "shapes", "max_objects", "seed"):
+    for key in ("colors", "shapes", "max_objects", "seed"):
         assert text.get(key) == image.get(key), key
     assert stage1["model"]["init_args"]["freeze_language_model"] is True
     assert stage1["model"]["init_args"]["model"]["pretrained"] == f"checkpoints/{lm['name']}/hf"
+
+
+def test_cli_overrides_keep_each_recipes_task():
+    """A field override on the command line (as the tests' fit_recipe and users do) keeps the
+    recipe's task: the LM stage's text task stays one, an arith recipe's task stays arith."""
+    from lit_align import ArithTask
+    from lit_align.train import main
+
+    lm = main(["--config", os.path.join(REPO, "configs", "llava", "lm_shapes.yaml"),
+               "--data.init_args.task.val_size", "4", "--data.init_args.task.kinds", "[caption]"], run=False)
+    task = lm.datamodule.task
+    assert isinstance(task, ShapesTextTask) and task.rendering == "grid"
+    assert task.scenes.val_size == 4 and task.kinds == ("caption",)
+    arith = main(["--config", os.path.join(REPO, "configs", "sft", "arith.yaml"), "--data.init_args.task.val_size", "4"],
+                 run=False)
+    assert isinstance(arith.datamodule.task, ArithTask) and arith.datamodule.task.val_size == 4

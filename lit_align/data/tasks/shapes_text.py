@@ -29,11 +29,10 @@ Renderings (``rendering``):
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
 from PIL import Image
 
-from lit_align.data.tasks.shapes import POSITIONS, Scene, ShapesTask
+from lit_align.data.tasks.shapes import POSITIONS, SHAPES, Scene, ShapesTask
 
 RENDERINGS = ("grid", "description")
 TEXT_KINDS = ("caption", "instruction")
@@ -44,11 +43,15 @@ SHAPE_LETTERS = {"circle": "C", "square": "S", "triangle": "T"}
 _NO_IMAGE = Image.new("RGB", (1, 1))  # ShapesTask.row draws the scene unless given an image
 
 
-@dataclass
-class ShapesTextTask(ShapesTask):
+class ShapesTextTask:
     """``shapes`` scenes rendered as text, for text-only LM pretraining before LLaVA stage 1.
 
-    Args (besides :class:`ShapesTask`'s, which pick the same scenes):
+    A plain class, not a dataclass: a data module's ``task`` may be an ``ArithTask`` (a
+    dataclass, written in YAML as a mapping) or this task (written with ``class_path``); only
+    a class that needs ``class_path`` keeps the two apart when the CLI overrides one field
+    (``--data.init_args.task.val_size 4``), with this type listed first in the annotation.
+
+    Args:
         rendering: ``grid`` (one character per tower patch, see the module docstring) or
             ``description`` (``"Scene: a red circle at top left."``).
         grid_size: patches per side of the ``grid`` rendering: the tower's image size over its
@@ -56,28 +59,33 @@ class ShapesTextTask(ShapesTask):
             cells covers ``grid_size / 2`` patches per side, half colour, half shape).
         kinds: the rows of each scene, one of each: ``caption`` (describe the scene) and
             ``instruction`` (one question about colour, shape, position or count).
+        colors, shapes, max_objects, train_size, val_size, seed: as in :class:`ShapesTask`
+            (``scenes``); the same values give the same scenes per split as the image stages.
     """
 
-    rendering: str = "grid"
-    grid_size: int = 4
-    kinds: tuple[str, ...] = TEXT_KINDS
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.kinds = tuple(self.kinds)
-        if self.rendering not in RENDERINGS:
-            raise ValueError(f"shapes_text.rendering: {self.rendering!r} is not one of {RENDERINGS}")
-        if self.grid_size < 4 or self.grid_size % 4:
-            raise ValueError(f"shapes_text.grid_size: {self.grid_size} must be a multiple of 4 (2x2 cells, each "
+    def __init__(self, rendering: str = "grid", grid_size: int = 4, kinds: tuple[str, ...] = TEXT_KINDS,
+                 colors: tuple[str, ...] = ("red", "green", "blue", "yellow"), shapes: tuple[str, ...] = SHAPES,
+                 max_objects: int = 3, train_size: int = 2000, val_size: int = 200, seed: int = 0):
+        self.scenes = ShapesTask(colors=colors, shapes=shapes, max_objects=max_objects, train_size=train_size,
+                                 val_size=val_size, seed=seed)
+        self.rendering, self.grid_size, self.kinds = rendering, grid_size, tuple(kinds)
+        if rendering not in RENDERINGS:
+            raise ValueError(f"shapes_text.rendering: {rendering!r} is not one of {RENDERINGS}")
+        if grid_size < 4 or grid_size % 4:
+            raise ValueError(f"shapes_text.grid_size: {grid_size} must be a multiple of 4 (2x2 cells, each "
                              "with a colour half and a shape half)")
         unknown = [k for k in self.kinds if k not in TEXT_KINDS]
         if not self.kinds or unknown or len(set(self.kinds)) != len(self.kinds):
             raise ValueError(f"shapes_text.kinds: {list(self.kinds)} must be distinct kinds from {list(TEXT_KINDS)}")
 
+    def __repr__(self) -> str:
+        return (f"ShapesTextTask(rendering={self.rendering!r}, grid_size={self.grid_size}, kinds={self.kinds}, "
+                f"scenes={self.scenes})")
+
     def render(self, scene: Scene) -> str:
         """The scene as text (``rendering``)."""
         if self.rendering == "description":
-            return f"Scene: {self.describe(scene)}."
+            return f"Scene: {self.scenes.describe(scene)}."
         objects = {o.position: o for o in scene}
         cell = self.grid_size // 2  # patches per side of a cell
 
@@ -91,7 +99,7 @@ class ShapesTextTask(ShapesTask):
 
     def text_row(self, scene: Scene, kind: str, rng: random.Random) -> dict:
         """:meth:`ShapesTask.row` of ``kind`` with ``<image>`` replaced by the rendering and no image."""
-        row = self.row(scene, kind, rng, _NO_IMAGE)
+        row = self.scenes.row(scene, kind, rng, _NO_IMAGE)
         del row["image"]
         text = self.render(scene)
         row["conversations"] = [{**t, "value": t["value"].replace("<image>", text)} for t in row["conversations"]]
@@ -105,6 +113,20 @@ class ShapesTextTask(ShapesTask):
         ``instruction`` (the only kind; these are instruction rows whatever ``kinds`` holds)."""
         if kind != "instruction":
             raise ValueError(f"shapes_text: unknown row kind {kind!r} (instruction: set `kinds` to choose the rows)")
-        return self.rows_per_split(lambda split, i, scene: [
-            {"id": f"{split}-{i}-{k}", **self.text_row(scene, k, random.Random(f"{self.seed}:{split}:{i}:{k}"))}
-            for k in self.kinds])
+        scenes = self.scenes
+        sizes = {"train": scenes.train_size, "validation": scenes.val_size, "test": scenes.val_size}
+        out: dict[str, list[dict]] = {}
+        for split, n in sizes.items():
+            rows = []
+            for i in range(n):
+                scene = scenes.scene(split, i)
+                for k in self.kinds:
+                    row = self.text_row(scene, k, random.Random(f"{scenes.seed}:{split}:{i}:{k}"))
+                    rows.append({"id": f"{split}-{i}-{k}", **row})
+            out[split] = rows
+        return out
+
+    @staticmethod
+    def check(completion: str, answer: str) -> bool:
+        """Normalised exact match, as :meth:`ShapesTask.check`."""
+        return ShapesTask.check(completion, answer)
