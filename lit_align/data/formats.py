@@ -117,7 +117,8 @@ def normalize_messages(messages: Any, field: str, where: Where, role_key: str = 
         role = turn[role_key]
         role = role_map.get(role, role) if role_map else role
         if role not in ROLES:
-            raise where(f"{field}[{i}].{role_key}", f"unknown role {turn[role_key]!r} (allowed: {', '.join(role_map or ROLES)})")
+            raise where(f"{field}[{i}].{role_key}",
+                        f"unknown role {turn[role_key]!r} (allowed: {', '.join(role_map or ROLES)})")
         content = turn[content_key]
         if not isinstance(content, str):
             raise where(f"{field}[{i}].{content_key}", f"expected a string, got {type(content).__name__}")

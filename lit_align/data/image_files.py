@@ -99,7 +99,8 @@ def pixels(rows: list[dict], transform: ImageTransform, column: str) -> dict[str
     if images:
         shapes = {tuple(p.shape) for p in images}
         if len(shapes) > 1:
-            raise ValueError(f"image_transform returned images of different shapes {sorted(shapes)}: resize to one size")
+            raise ValueError(f"image_transform returned images of different shapes {sorted(shapes)}: "
+                             "resize to one size")
         out["pixel_values"] = torch.stack(images)
     return out
 

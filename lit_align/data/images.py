@@ -62,7 +62,8 @@ class ImageInstructionDataModule(TextDataModule):
     Rows: ``instruction``/``caption`` rows are a conversation (``conversations`` with
     ``from``/``value``, or ``messages``, ``prompt``/``completion``, alpaca) plus the image
     column. ``preference`` rows have ``prompt`` (a string or a list of turns, ``role``/``content``
-    or ``from``/``value``), ``chosen`` and ``rejected`` plus the image column. The number of
+    or ``from``/``value``), ``chosen`` and ``rejected`` (and optionally ``margin``) plus the image
+    column, read as the text preference data reads explicit-prompt pairs. The number of
     ``<image>`` placeholders must equal the number of images of the row (else a
     :class:`DataError` naming the row and field). As in LLaVA, a row with images but no
     placeholder at all gets one ``"<image>\\n"`` per image prepended to its first user turn
@@ -78,9 +79,9 @@ class ImageInstructionDataModule(TextDataModule):
     ``image_counts`` ``[B]`` (long); ``pixel_values`` ``[M, 3, H, W]`` with M =
     ``image_counts.sum()``, the images of row 0, then row 1, ...; ``pixel_values`` is absent
     when the batch holds no image. ``preference``: ``[2B, T]`` chosen rows then rejected rows
-    (as :func:`~lit_align.data.preference.collate_pairs`), ``image_counts`` ``[2B]`` and
-    ``pixel_values`` in the same row order (the chosen rows' images, then the same images
-    again for the rejected rows). Validation / test batches also carry the left-padded
+    (as :func:`~lit_align.data.preference.collate_pairs`, with ``margin`` ``[B]`` when the rows have one),
+    ``image_counts`` ``[2B]`` and ``pixel_values`` in the same row order (the chosen rows'
+    images, then the same images again for the rejected rows). Validation / test batches also carry the left-padded
     generation prompts ``prompt_ids``/``prompt_mask`` (one per row or pair, image tokens
     expanded), ``references``, ``meta`` and ``prompt_image_counts`` ``[B]``: the prompts'
     images are the first ``prompt_image_counts.sum()`` entries of ``pixel_values``.

@@ -50,7 +50,8 @@ def encode_pair(prompt: list[Segment], chosen: list[Segment], rejected: list[Seg
     ``where`` they are plain :class:`ValueError`.
     """
     p_ids, _, _ = tokenize_segments(prompt, tokenizer)
-    sides = {name: tokenize_segments(prompt + segs, tokenizer)[:2] for name, segs in (("chosen", chosen), ("rejected", rejected))}
+    sides = {name: tokenize_segments(prompt + segs, tokenizer)[:2]
+             for name, segs in (("chosen", chosen), ("rejected", rejected))}
     for field, (ids, _) in zip(fields, sides.values()):
         if ids[: len(p_ids)] != p_ids:
             problem = ("the prompt tokenizes differently before this response than alone (a tokenizer that samples"
@@ -95,7 +96,8 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
     with_margin = sum("margin" in r for r in rows)
     if 0 < with_margin < len(rows):
-        raise ValueError(f"collate_pairs: {with_margin} of {len(rows)} pairs have a margin; give every pair one or none")
+        raise ValueError(f"collate_pairs: {with_margin} of {len(rows)} pairs have a margin; "
+                         "give every pair one or none")
     if with_margin:
         batch["margin"] = torch.tensor([float(r["margin"]) for r in rows])
     if all("ref_chosen" in r for r in rows):
@@ -196,7 +198,8 @@ class PairRows:
                 if n == len(msgs) and len(c) != len(r):
                     raise where(name, "ends where the other conversation's response begins: no response to compare")
                 if n < len(msgs) and msgs[n]["role"] != "assistant":
-                    raise where(f"{name}[{n}]", f"the conversations diverge at a {msgs[n]['role']!r} turn; expected the assistant's")
+                    raise where(f"{name}[{n}]",
+                                f"the conversations diverge at a {msgs[n]['role']!r} turn; expected the assistant's")
             return c[:n], c[n:], r[n:]
         raise where(c_name, "chosen and rejected must both be strings or both be lists of turns")
 
