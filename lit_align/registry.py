@@ -1,5 +1,7 @@
-"""Named plug-ins (rewards, rollout engines): registration by name, and import paths
-``"package.module:attr"`` for user code that is not registered."""
+"""Named plug-ins: registration by name and lookup with a message naming the known names
+(rewards, rollout engines, and the formula families of :mod:`lit_align.losses`: advantage
+estimators, policy losses, importance-sampling levels, aggregation modes, preference losses and
+KL estimators), and import paths ``"package.module:attr"`` for user code that is not registered."""
 
 from __future__ import annotations
 
@@ -38,6 +40,13 @@ def register_into(registry: dict[str, Any], kind: str, name: str,
         return obj
 
     return decorator
+
+
+def lookup(registry: dict[str, Any], setting: str, name: Any) -> Any:
+    """``registry[name]``, or ``ValueError`` naming the setting and the registered names."""
+    if not isinstance(name, str) or name not in registry:
+        raise ValueError(f"{setting}: {name!r} is not one of {tuple(registry)}")
+    return registry[name]
 
 
 def import_object(path: str) -> Any:

@@ -1,10 +1,24 @@
-"""Advantage estimators: group-relative (GRPO family) and generalized advantage estimation (PPO)."""
+"""Advantage estimators: group-relative ones for outcome rewards (GRPO family, in the registry
+:data:`ADVANTAGE_ESTIMATORS`) and generalized advantage estimation against a critic (PPO)."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
+from lit_align.registry import register_into
+
 ADVANTAGE_SCALES = ("group", "none")
+
+#: Estimator name -> ``fn(rewards [B], group_size) -> advantages [B]`` for one scalar reward per
+#: completion, a group being ``group_size`` consecutive rows (the samples of one prompt).
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {}
+
+
+def register_advantage_estimator(name: str):
+    """Decorator adding ``fn(rewards [B], group_size) -> [B]`` to :data:`ADVANTAGE_ESTIMATORS`."""
+    return register_into(ADVANTAGE_ESTIMATORS, "register_advantage_estimator", name)
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group", eps: float = 1e-6) -> torch.Tensor:
@@ -30,6 +44,28 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
         std = grouped.std(-1, unbiased=True, keepdim=True) if group_size > 1 else torch.zeros_like(grouped[:, :1])
         centered = centered / (std + eps)
     return centered.view(-1)
+
+
+@register_advantage_estimator("grpo")
+def grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(r - group mean) / (group std + 1e-6) (GRPO, Shao et al. 2024, sec. 4.1.2)."""
+    return group_advantages(rewards, group_size, scale="group")
+
+
+@register_advantage_estimator("dr_grpo")
+def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """r - group mean, without the std division that favours easy and hard prompts
+    (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training", sec. 3.1)."""
+    return group_advantages(rewards, group_size, scale="none")
+
+
+@register_advantage_estimator("rloo")
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Leave-one-out baseline: r_i - mean_{j != i} r_j = G / (G - 1) (r_i - group mean)
+    (RLOO, Ahmadian et al. 2024, eq. 7; Kool et al. 2019). Needs ``group_size >= 2``."""
+    if group_size < 2:
+        raise ValueError(f"rloo_advantages: the leave-one-out baseline needs group_size >= 2, got {group_size}")
+    return group_advantages(rewards, group_size, scale="none") * (group_size / (group_size - 1))
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:

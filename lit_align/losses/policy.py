@@ -2,11 +2,75 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from lit_align.losses.aggregation import aggregate_loss
+from lit_align.registry import lookup, register_into
 
-IS_LEVELS = ("token", "sequence", "sequence-token")
+#: Importance-sampling level -> ``fn(log_ratio [B, T], mask [B, T], logp [B, T]) -> ratio [B, T]``
+#: with ``log_ratio = (logp - old_logp) * mask``.
+IS_LEVELS: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+
+#: Surrogate name -> ``fn(ratio [B, T], advantages [B, T], clip_low, clip_high) -> loss [B, T]`` per token.
+POLICY_LOSSES: dict[str, Callable[..., torch.Tensor]] = {}
+
+#: Dual-clip PPO's bound on the loss of negative-advantage tokens (Ye et al. 2020, c = 3, as verl).
+DUAL_CLIP_C = 3.0
+
+
+def register_is_level(name: str):
+    """Decorator adding an importance-ratio function to :data:`IS_LEVELS`."""
+    return register_into(IS_LEVELS, "register_is_level", name)
+
+
+def register_policy_loss(name: str):
+    """Decorator adding a per-token surrogate loss to :data:`POLICY_LOSSES`."""
+    return register_into(POLICY_LOSSES, "register_policy_loss", name)
+
+
+@register_is_level("token")
+def token_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """rho_t = pi / pi_old per token (PPO, Schulman et al. 2017, eq. 7; GRPO; DAPO)."""
+    return torch.exp(log_ratio.clamp(max=20.0))
+
+
+def _sequence_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B, 1]`` exp of each sequence's mean token log-ratio (GSPO, Zheng et al. 2025, eq. 7)."""
+    seq_log_ratio = log_ratio.sum(-1) / mask.sum(-1).clamp(min=1.0)
+    return torch.exp(seq_log_ratio.clamp(max=20.0))[:, None]
+
+
+@register_is_level("sequence")
+def sequence_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """s = exp(mean_t(logp - old_logp)), the length-normalised sequence likelihood ratio of GSPO
+    (Zheng et al. 2025, eq. 7), broadcast over the sequence's tokens."""
+    return _sequence_ratio(log_ratio, mask).expand_as(logp)
+
+
+@register_is_level("sequence-token")
+def sequence_token_ratio(log_ratio: torch.Tensor, mask: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """GSPO-token (Zheng et al. 2025, eq. 13): s_t = sg[s] * pi_t / sg[pi_t], equal to ``s`` in
+    value but with per-token gradients, so token-level advantages can be used."""
+    return _sequence_ratio(log_ratio, mask).detach() * torch.exp(logp - logp.detach())
+
+
+@register_policy_loss("ppo_clip")
+def ppo_clip_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float) -> torch.Tensor:
+    """max(-A rho, -A clip(rho, 1 - clip_low, 1 + clip_high)) (PPO, Schulman et al. 2017, eq. 7;
+    Clip-Higher when ``clip_high > clip_low``, DAPO, Yu et al. 2025, eq. 10)."""
+    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    return torch.maximum(-advantages * ratio, -advantages * clipped)
+
+
+@register_policy_loss("dual_clip")
+def dual_clip_loss(ratio: torch.Tensor, advantages: torch.Tensor, clip_low: float, clip_high: float) -> torch.Tensor:
+    """Dual-clip PPO (Ye et al. 2020, "Mastering Complex Control in MOBA Games", eq. 5): the clipped
+    surrogate, and for A < 0 at most -A * c (c = :data:`DUAL_CLIP_C`), so that a token whose
+    ratio has grown far beyond 1 cannot drive an unbounded update."""
+    loss = ppo_clip_loss(ratio, advantages, clip_low, clip_high)
+    return torch.where(advantages < 0, torch.minimum(loss, -advantages * DUAL_CLIP_C), loss)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -15,7 +79,8 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
                 clip_low: float, clip_high: float, level: str = "token", agg_mode: str = "token-mean",
-                max_len: int | None = None, num_tokens=None, num_seqs=None) -> tuple[torch.Tensor, dict]:
+                max_len: int | None = None, num_tokens=None, num_seqs=None, loss_fn: str = "ppo_clip",
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """Clipped surrogate objective, negated to a loss.
 
     Args:
@@ -25,22 +90,24 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         mask: ``[B, T]`` 1 on response tokens that carry loss.
         clip_low, clip_high: the ratio is clipped to ``[1 - clip_low, 1 + clip_high]``
             (Clip-Higher when ``clip_high > clip_low``, DAPO, Yu et al. 2025, eq. 10).
-        level: ``token``: rho_t = pi/pi_old per token (PPO, Schulman et al. 2017, eq. 7; GRPO);
-            ``sequence``: one ratio per sequence, s = exp(mean_t(logp - old_logp)), the
-            length-normalised sequence likelihood ratio of GSPO (Zheng et al. 2025, eq. 7);
-            ``sequence-token``: GSPO-token (eq. 13), s_t = sg[s] * pi_t / sg[pi_t], equal to
-            ``s`` in value but with per-token gradients so token-level advantages can be used.
+        level: a name in :data:`IS_LEVELS`: ``token`` (rho_t = pi/pi_old per token),
+            ``sequence`` (GSPO's one length-normalised ratio per sequence) or ``sequence-token``
+            (GSPO-token).
         agg_mode, max_len, num_tokens, num_seqs: passed to :func:`aggregate_loss`.
+        loss_fn: a name in :data:`POLICY_LOSSES` (``ppo_clip``, ``dual_clip``).
+        weights: optional ``[B, T]`` per-token factors without gradient (rollout-correction
+            importance weights, :func:`~lit_align.losses.rollout_correction`) multiplied into the
+            per-token loss before aggregation.
     Returns:
         ``(loss, metrics)``: the scalar loss and detached metrics: ``clip_frac_low`` (share of
         tokens where the lower clip is active, A < 0 and rho < 1 - clip_low), ``clip_frac_high``
         (A > 0 and rho > 1 + clip_high), ``ratio_mean``/``ratio_min``/``ratio_max`` and
         ``approx_kl`` (mean of k3 between old and new policy) over valid tokens.
 
-    Per token: L_t = max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high)).
+    Per token (``ppo_clip``): L_t = max(-A * rho, -A * clip(rho, 1 - clip_low, 1 + clip_high)).
     """
-    if level not in IS_LEVELS:
-        raise ValueError(f"policy_loss: level {level!r} is not one of {IS_LEVELS}")
+    ratio_fn = lookup(IS_LEVELS, "policy_loss: level", level)
+    surrogate = lookup(POLICY_LOSSES, "policy_loss: loss_fn", loss_fn)
     if clip_low < 0 or clip_high < 0:
         raise ValueError(f"policy_loss: clip_low ({clip_low}) and clip_high ({clip_high}) must be >= 0")
     mask = mask.to(logp.dtype)
@@ -48,17 +115,10 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         advantages = advantages[:, None].expand_as(logp)
     advantages = advantages.to(logp.dtype)
     log_ratio = (logp - old_logp) * mask
-    if level == "token":
-        ratio = torch.exp(log_ratio.clamp(max=20.0))
-    else:
-        seq_log_ratio = log_ratio.sum(-1) / mask.sum(-1).clamp(min=1.0)
-        seq_ratio = torch.exp(seq_log_ratio.clamp(max=20.0))[:, None]
-        if level == "sequence":
-            ratio = seq_ratio.expand_as(logp)
-        else:
-            ratio = seq_ratio.detach() * torch.exp(logp - logp.detach())
-    clipped = ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss_mat = torch.maximum(-advantages * ratio, -advantages * clipped)
+    ratio = ratio_fn(log_ratio, mask, logp)
+    loss_mat = surrogate(ratio, advantages, clip_low, clip_high)
+    if weights is not None:
+        loss_mat = loss_mat * weights.detach().to(loss_mat.dtype)
     loss = aggregate_loss(loss_mat, mask, agg_mode, max_len=max_len, num_tokens=num_tokens, num_seqs=num_seqs)
     with torch.no_grad():
         r = ratio.detach()
@@ -75,31 +135,3 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
             "approx_kl": _masked_mean(torch.exp(neg) - neg - 1.0, mask),
         }
     return loss, metrics
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float | None) -> tuple[torch.Tensor, dict]:
-    """Clipped value loss of PPO (as in OpenAI baselines / TRL's PPOTrainer).
-
-    Args:
-        values: ``[B, T]`` current critic values (with grad).
-        old_values: ``[B, T]`` critic values at rollout time.
-        returns: ``[B, T]`` GAE returns (targets).
-        mask: ``[B, T]`` 1 on response tokens.
-        clip: values may move at most ``clip`` from ``old_values`` before the loss stops
-            rewarding the move; ``None`` disables clipping.
-    Returns:
-        ``(loss, metrics)``: 1/2 * masked mean of max((V - R)^2, (clip(V, V_old +- clip) - R)^2),
-        and ``clip_frac`` (share of valid tokens where the clipped term is the larger).
-    """
-    mask = mask.to(values.dtype)
-    unclipped = (values - returns).square()
-    if clip is None:
-        loss_mat = unclipped
-        frac = values.new_tensor(0.0)
-    else:
-        v_clipped = old_values + (values - old_values).clamp(-clip, clip)
-        clipped = (v_clipped - returns).square()
-        loss_mat = torch.maximum(unclipped, clipped)
-        frac = _masked_mean((clipped > unclipped).to(values.dtype), mask).detach()
-    return 0.5 * _masked_mean(loss_mat, mask), {"clip_frac": frac}
