@@ -14,6 +14,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torchmetrics import Metric
 
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
+from lit_align.algorithms.reference import PREFIX as REFERENCE_PREFIX
+from lit_align.algorithms.steps import clip_grad_norm, step_scale
+from lit_align.distributed import is_sharded
 from lit_align.evaluation import ExactMatch, GroupedExactMatch
 from lit_align.data.encode import IGNORE_INDEX
 from lit_align.losses import token_logprobs
@@ -41,7 +44,7 @@ class CausalLMModule(L.LightningModule):
         """``(metric, mode)`` the best checkpoint is chosen by (``checkpoints/<name>/best-step*.ckpt``)."""
         return ("val/exact_match", "max") if self.eval_max_new_tokens > 0 else self.fallback_monitor
 
-    def __init__(self, model: CausalLMSpec, optim: OptimSpec | None = None, eval_max_new_tokens: int = 32,
+    def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, eval_max_new_tokens: int = 32,
                  num_logged_samples: int = 4, lora: LoraSpec | None = None):
         super().__init__()
         self.spec = model
@@ -82,6 +85,11 @@ class CausalLMModule(L.LightningModule):
                 fully_shard(module, mesh=dp_mesh)
         fully_shard(model, mesh=dp_mesh)
         return model
+
+    def step_loss(self, share: torch.Tensor) -> torch.Tensor:
+        """The tensor to backpropagate for a micro-batch's ``share`` of its optimizer step's loss
+        (see :mod:`lit_align.algorithms.steps` for the normalisation, stated once)."""
+        return share * step_scale(self._trainer, self.automatic_optimization)
 
     def build_frozen(self, spec: CausalLMSpec) -> torch.nn.Module:
         """A frozen copy (eval mode, no grad) of the model ``spec`` describes: a reference policy."""
@@ -129,10 +137,16 @@ class CausalLMModule(L.LightningModule):
             self.logger.log_metrics({k: float(v) for k, v in stats.items()}, step=self.global_step)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        # one setting for every module: optim.grad_clip (manual ones clip in their own step)
-        if self.optim.grad_clip is not None:
-            self.clip_gradients(optimizer, gradient_clip_val=self.optim.grad_clip,
-                                gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+        # one setting for every module: optim.grad_clip (manual ones clip in their own step loop)
+        self.log_dict({f"train/{k}": v for k, v in self.clip_and_measure(optimizer, self.optim.grad_clip).items()})
+
+    def clip_and_measure(self, optimizer, max_norm: float | None, name: str = "") -> dict[str, torch.Tensor]:
+        """Clip ``optimizer``'s gradients to ``max_norm`` and return ``grad_norm{name}`` (the norm
+        before clipping, computed once for both) and ``grad_clipped{name}`` (1 when the clip was
+        active)."""
+        norm = clip_grad_norm(optimizer, max_norm, self.model if self.model is not None else None)
+        clipped = norm > max_norm if max_norm is not None else torch.zeros((), dtype=torch.bool)
+        return {f"grad_norm{name}": norm, f"grad_clipped{name}": clipped.float()}
 
     def configure_optimizers(self):
         return build_optimizer(self.optim, self.model.parameters(), int(self.trainer.estimated_stepping_batches))
@@ -163,12 +177,6 @@ class CausalLMModule(L.LightningModule):
         tokens, self._tokens = getattr(self, "_tokens", None), None
         if self._tick is not None and tokens is not None:
             self.log("train/tokens_per_s", tokens / max(time.perf_counter() - self._tick, 1e-9))
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        norms = [p.grad.detach().norm(2) for p in self.parameters() if p.grad is not None]
-        norms = [n.full_tensor() if hasattr(n, "full_tensor") else n for n in norms]
-        if norms:
-            self.log("train/grad_norm", torch.linalg.vector_norm(torch.stack(norms)))
 
     # -- held-out exact match -------------------------------------------------------
     def generate_greedy(self, batch: dict) -> list[str]:
@@ -225,13 +233,33 @@ class CausalLMModule(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self._log_grouped("test")
 
+    # -- checkpoints ------------------------------------------------------------------
+    #: State-dict prefixes of frozen models rebuilt from their specs at every start (the reference
+    #: policy): never written to checkpoints, expected missing when one is loaded.
+    rebuilt_prefixes: tuple[str, ...] = (REFERENCE_PREFIX,)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                    if not k.startswith(self.rebuilt_prefixes)}
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``, where keys of :attr:`rebuilt_prefixes` may be missing;
+        with ``strict`` any other missing or unexpected key is an error naming it."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if not k.startswith(self.rebuilt_prefixes)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"{type(self).__name__}: the checkpoint does not match the model: missing keys "
+                               f"{missing[:8]}{' ...' if len(missing) > 8 else ''}, unexpected keys "
+                               f"{result.unexpected_keys[:8]}{' ...' if len(result.unexpected_keys) > 8 else ''}")
+        return result
+
     # -- export ---------------------------------------------------------------------
     def gathered_state_dict(self) -> dict[str, torch.Tensor] | None:
         """The policy's full state dict gathered to CPU when it is sharded (FSDP2), else ``None``
         (the module's own weights are complete). Collective: every rank calls it."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        if not any(hasattr(p, "full_tensor") for p in self.model.parameters()):
+        if not is_sharded(self.model):
             return None
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 

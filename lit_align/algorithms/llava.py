@@ -144,12 +144,13 @@ class LLaVA(LlavaMixin, SFT):
     tokens (labels -100), ``pixel_values`` ``[M, 3, H, W]`` and ``image_counts`` ``[B]``.
     """
 
-    def __init__(self, model: CausalLMSpec | None = None, vision_tower: VisionTowerSpec | None = None,
+    def __init__(self, *, model: CausalLMSpec | None = None, vision_tower: VisionTowerSpec | None = None,
                  projector: str | None = None, init_from: str | None = None, freeze_projector: bool = False,
                  freeze_language_model: bool = False, optim: OptimSpec | None = None, eval_max_new_tokens: int = 16,
                  num_logged_samples: int = 4):
         model, vision_tower, projector = _resolve(model, vision_tower, projector, init_from)
-        super().__init__(model, optim, eval_max_new_tokens, num_logged_samples)
+        super().__init__(model=model, optim=optim, eval_max_new_tokens=eval_max_new_tokens,
+                         num_logged_samples=num_logged_samples)
         self._init_llava(vision_tower, projector, init_from, freeze_projector, freeze_language_model)
         self.save_hyperparameters()
 
@@ -167,16 +168,15 @@ class LLaVADPO(LlavaMixin, DPO):
     ``[2B, T]`` chosen rows then rejected rows, the images repeated in the same row order.
     """
 
-    def __init__(self, model: CausalLMSpec | None = None, vision_tower: VisionTowerSpec | None = None,
+    def __init__(self, *, model: CausalLMSpec | None = None, vision_tower: VisionTowerSpec | None = None,
                  projector: str | None = None, init_from: str | None = None, freeze_projector: bool = False,
                  freeze_language_model: bool = False, optim: OptimSpec | None = None, beta: float = 0.1,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, sft_weight: float = 0.0,
                  eval_max_new_tokens: int = 16, num_logged_samples: int = 4):
         model, vision_tower, projector = _resolve(model, vision_tower, projector, init_from)
-        super().__init__(model, optim, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
+        super().__init__(model=model, optim=optim, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                          sft_weight=sft_weight, eval_max_new_tokens=eval_max_new_tokens,
                          num_logged_samples=num_logged_samples)
         self._init_llava(vision_tower, projector, init_from, freeze_projector, freeze_language_model)
+        # a live reference only (precomputed log-probs would need the images stored with the pairs)
         self.save_hyperparameters()
-        # live reference only: precomputed log-probs would need the images stored with the pairs
-        self.hparams["precompute_ref_logps"] = False

@@ -1,29 +1,29 @@
 """What online RL modules (PolicyGradient, PPO) share: rewards, the rollout engine, the frozen
-reference, scoring, rollout logging and held-out evaluation."""
+reference, scoring, the optimizer-step loop over a rollout, rollout logging and held-out evaluation."""
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.distributed as dist
 
 from lit_align.algorithms.base import CausalLMModule
 from lit_align.algorithms.optim import OptimSpec
+from lit_align.algorithms.reference import Reference
+from lit_align.algorithms.steps import StepMetrics, mini_batch_bounds
+from lit_align.distributed import all_reduce
 from lit_align.losses import KL_ESTIMATORS
-from lit_align.models import CausalLMSpec, LoraSpec, disable_dropout, is_peft
+from lit_align.models import CausalLMSpec, LoraSpec, disable_dropout
 from lit_align.rewards import RewardSpec, Rewards
-from lit_align.rollout import RolloutBatch, SamplingParams, build_engine, chunked_logprobs
+from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, build_engine, chunked_logprobs
 
+__all__ = ["DEFAULT_KL_ESTIMATOR", "OnlineRLModule", "all_reduce"]
 
 #: The KL estimator when a KL term is on and none is named (GRPO's k3, Shao et al. 2024, eq. 4).
 DEFAULT_KL_ESTIMATOR = "k3"
 
-
-def all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
-    """``value`` reduced over data-parallel ranks (itself in a single process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        value = value.clone()
-        dist.all_reduce(value, op=op)
-    return value
+#: ``(optimizer, scheduler, grad_clip, metric suffix)`` of one model stepped by :meth:`OnlineRLModule.optimize`.
+Stepped = tuple[object, object, float | None, str]
 
 
 class OnlineRLModule(CausalLMModule):
@@ -35,39 +35,45 @@ class OnlineRLModule(CausalLMModule):
         sampling: temperature, top-p/top-k and ``max_new_tokens`` of the rollouts.
         num_generations: completions per prompt.
         beta: KL coefficient; 0 builds no reference model.
-        kl_estimator: ``k1``, ``k2`` or ``k3`` (Schulman 2020), per token; ``None``: ``k3``.
+        kl_estimator: ``k1``, ``k2`` or ``k3`` (Schulman 2020), per token; ``None``: ``k3`` when
+            ``beta > 0`` (the resolved value is :attr:`kl_estimator`; ``None`` without a KL term).
         reference: the frozen reference; default the initial policy (with ``lora``: the base
             with adapters disabled).
         forward_batch_size: rows per forward/backward (training and scoring passes).
-        engine: the rollout engine: a registered name (``hf``: HF ``generate`` on the training
-            model, :data:`~lit_align.rollout.ENGINES`) or an import path ``"package.module:Class"``
-            of a :class:`~lit_align.rollout.RolloutEngine` subclass, built as
-            ``Class(tokenizer, logprob_batch_size=forward_batch_size)``.
+        engine: the rollout engine (:class:`~lit_align.rollout.EngineSpec`: a registered name,
+            ``hf`` for HF ``generate`` on the training model, or an import path
+            ``"package.module:Class"`` of a :class:`~lit_align.rollout.RolloutEngine` subclass, with
+            its ``args``; a plain string is a name), built as
+            ``Class(tokenizer, logprob_batch_size=forward_batch_size, **args)``.
+
+    Every setting is checked here and kept as an attribute of the same name; ``hparams`` is the
+    record of what was given (checkpoints, CLI).
     """
 
     # held-out generation is the only validation: without it, checkpoints keep the last only
     fallback_monitor = (None, "min")
 
-    def __init__(self, model: CausalLMSpec, optim: OptimSpec | None, rewards: list[RewardSpec] | None,
+    def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None, rewards: list[RewardSpec] | None,
                  sampling: SamplingParams | None, num_generations: int, beta: float, kl_estimator: str | None,
                  reference: CausalLMSpec | None, forward_batch_size: int, lora: LoraSpec | None,
                  eval_max_new_tokens: int, num_logged_samples: int, extra_rewards: list[RewardSpec] = (),
-                 engine: str = "hf"):
-        super().__init__(model, optim, eval_max_new_tokens, num_logged_samples, lora=lora)
+                 engine: EngineSpec | str = "hf"):
+        super().__init__(model=model, optim=optim, eval_max_new_tokens=eval_max_new_tokens,
+                         num_logged_samples=num_logged_samples, lora=lora)
         sampling = sampling or SamplingParams(temperature=1.0)
-        kl_estimator = DEFAULT_KL_ESTIMATOR if kl_estimator is None else kl_estimator
-        checks = [
+        resolved_kl = (DEFAULT_KL_ESTIMATOR if kl_estimator is None else kl_estimator) if beta > 0 else kl_estimator
+        self.check_settings([
             (not rewards, "rewards: give at least one reward (a built-in name or 'package.module:function')"),
             (num_generations < 1, f"num_generations: must be >= 1, got {num_generations}"),
             (sampling.n != 1, "sampling.n: leave it at 1 and set num_generations"),
             (sampling.temperature <= 0, "sampling.temperature: must be > 0 for on-policy sampling"),
             (beta < 0, f"beta: must be >= 0, got {beta}"),
-            (kl_estimator not in KL_ESTIMATORS, f"kl_estimator: {kl_estimator!r} is not one of {KL_ESTIMATORS}"),
+            (resolved_kl is not None and resolved_kl not in KL_ESTIMATORS,
+             f"kl_estimator: {resolved_kl!r} is not one of {tuple(KL_ESTIMATORS)}"),
             (beta == 0 and reference is not None, "reference: unused with beta 0 (no KL term); drop it or set beta"),
             (lora is not None and reference is not None, "reference: with lora the reference is the base with adapters disabled; drop it"),
             (forward_batch_size < 1, f"forward_batch_size: must be >= 1, got {forward_batch_size}"),
-        ]
-        self.check_settings(checks)
+        ])
         self.sampling = sampling
         self.num_generations = num_generations
         self.rewards = Rewards(list(rewards) + list(extra_rewards))
@@ -76,11 +82,14 @@ class OnlineRLModule(CausalLMModule):
         except (ValueError, TypeError) as e:  # TypeError: a class whose constructor does not fit
             raise ValueError(f"{type(self).__name__}.engine: {e}") from e
         self.forward_batch_size = forward_batch_size
-        self.beta, self.kl_estimator = beta, kl_estimator
-        self.ref_spec = reference or model
-        self.ref_model = None
+        self.beta, self.kl_estimator = beta, resolved_kl
+        self.reference = Reference(reference or model, "adapters" if lora is not None else "copy") if beta > 0 else None
         self.automatic_optimization = False
-        self.strict_loading = False  # the frozen reference is rebuilt from its spec, never saved
+
+    @property
+    def ref_model(self) -> torch.nn.Module | None:
+        """The frozen reference copy (``None`` without a KL term or with LoRA)."""
+        return self.reference.model if self.reference is not None else None
 
     def check_settings(self, checks: list[tuple[bool, str]]) -> None:
         """Raise for the first ``(bad, message)`` that holds, naming the class and setting."""
@@ -92,11 +101,8 @@ class OnlineRLModule(CausalLMModule):
     def configure_model(self) -> None:
         super().configure_model()
         disable_dropout(self.model)
-        if self.beta > 0 and self.ref_model is None and self.lora is None:
-            self.ref_model = self.build_frozen(self.ref_spec)
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("ref_model.")}
+        if self.reference is not None:
+            self.reference.build(self)
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -110,24 +116,19 @@ class OnlineRLModule(CausalLMModule):
     def check_mini_batches(self, rows: int, prompts: int | None = None) -> None:
         """Raise unless each of the ``mini_batches`` optimizer steps gets at least one of the
         ``rows`` a rank samples per step (an empty mini-batch would step on no gradient)."""
-        mini_batches = self.hparams.mini_batches
-        if rows < mini_batches:
+        if rows < self.mini_batches:
             source = f"{prompts} prompts (data.micro_batch_size) x num_generations {self.num_generations}" \
                 if prompts is not None else "the rollout's rows"
-            raise ValueError(f"{type(self).__name__}.mini_batches: {mini_batches} mini-batches per pass need at "
-                             f"least {mini_batches} rows per rank and step, but a step samples {rows} ({source}); "
+            raise ValueError(f"{type(self).__name__}.mini_batches: {self.mini_batches} mini-batches per pass need at "
+                             f"least {self.mini_batches} rows per rank and step, but a step samples {rows} ({source}); "
                              "lower mini_batches or sample more prompts per step")
 
-    @torch.no_grad()
     def reference_logprobs(self, rollout: RolloutBatch) -> torch.Tensor:
         """``[N, C]`` log-probs of the sampled tokens under the reference, in the training layout."""
-        t, size = self.sampling.temperature, self.forward_batch_size
-        if self.ref_model is not None:
-            return chunked_logprobs(self.ref_model, rollout, t, size)
-        if is_peft(self.model):
-            with self.adapters_disabled() as base:
-                return chunked_logprobs(base, rollout, t, size)
-        raise RuntimeError(f"{type(self).__name__}: beta > 0 but no reference model was built")
+        if self.reference is None:
+            raise RuntimeError(f"{type(self).__name__}: no reference (beta is 0)")
+        with self.reference.policy(self) as ref:
+            return chunked_logprobs(ref, rollout, self.sampling.temperature, self.forward_batch_size)
 
     # -- rollouts and rewards ---------------------------------------------------------
     def score(self, rollout: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -148,6 +149,40 @@ class OnlineRLModule(CausalLMModule):
         rollout = self.engine.generate(self.model, prompts, sampling)
         total, parts = self.score(rollout)
         return rollout, total, parts
+
+    # -- the optimizer steps over a rollout ------------------------------------------------
+    def optimize(self, rollout: RolloutBatch, passes: int,
+                 micro_loss: Callable[[list[int], RolloutBatch, object], tuple[torch.Tensor, dict]],
+                 normalizers: Callable[[int, int], object], stepped: list[Stepped], metrics: StepMetrics
+                 ) -> dict[str, torch.Tensor]:
+        """``passes`` x :attr:`mini_batches` optimizer steps over ``rollout``, the one step loop of
+        online RL.
+
+        For each mini-batch ``[lo, hi)``: ``normalizers(lo, hi)`` gives its denominators (summed
+        over ranks, before any micro-batch runs), every optimizer's gradients are zeroed, each
+        micro-batch of :attr:`forward_batch_size` rows (:meth:`RolloutBatch.chunks`) adds
+        ``micro_loss(rows, chunk, norms) -> (share, metrics)`` to one backward (data parallelism
+        expects one per forward; the losses of several models add up), then each stepped model is
+        clipped, stepped and its schedule advanced. Returns ``metrics.result``, with each model's
+        ``grad_norm`` (before clipping) and ``grad_clipped`` averaged over the steps.
+        """
+        n = len(rollout)
+        self.check_mini_batches(n)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        for _ in range(passes):
+            for lo, hi in mini_batch_bounds(n, self.mini_batches):
+                norms = normalizers(lo, hi)
+                for optimizer, *_ in stepped:
+                    optimizer.zero_grad()
+                for rows, chunk in rollout.chunks(self.forward_batch_size, lo, hi):
+                    loss, values = micro_loss(rows, chunk, norms)
+                    self.manual_backward(self.step_loss(loss))
+                    metrics.add(values)
+                for optimizer, scheduler, clip, name in stepped:
+                    metrics.add_step(self.clip_and_measure(optimizer, clip, name))
+                    optimizer.step()
+                    scheduler.step()
+        return metrics.result(world)
 
     # -- logging ----------------------------------------------------------------------
     def rollout_metrics(self, rollout: RolloutBatch, total: torch.Tensor, parts: dict, gen_time: float,

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections import defaultdict
 
 import torch
 import torch.distributed as dist
 
-from lit_align.algorithms.online import OnlineRLModule, all_reduce
+from lit_align.algorithms.online import OnlineRLModule
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
-from lit_align.losses import ADVANTAGE_SCALES, AGG_MODES, IS_LEVELS, aggregate_loss, group_advantages, kl_penalty, policy_loss
+from lit_align.algorithms.steps import StepMetrics
+from lit_align.distributed import all_reduce
+from lit_align.losses import (ADVANTAGE_ESTIMATORS, AGG_MODES, IS_LEVELS, POLICY_LOSSES, aggregate_loss, kl_penalty,
+                              policy_loss)
 from lit_align.models import CausalLMSpec, LoraSpec
 from lit_align.rewards import RewardSpec
-from lit_align.rollout import RolloutBatch, SamplingParams, chunked_logprobs, completion_logprobs
+from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, chunked_logprobs, completion_logprobs
 
 
 #: Sampling rounds per step under dynamic sampling when ``max_generation_rounds`` is unset.
@@ -38,12 +40,15 @@ class PolicyGradient(OnlineRLModule):
         num_generations: completions per prompt (G, the group size).
         sampling: temperature, top-p/top-k and ``max_new_tokens`` of the rollouts (``n`` stays 1:
             the group size is ``num_generations``).
-        advantage_scale: ``group`` (divide by the group's reward std, GRPO) or ``none`` (Dr. GRPO,
-            Liu et al. 2025).
+        advantage_estimator: a name in :data:`~lit_align.losses.ADVANTAGE_ESTIMATORS`: ``grpo``
+            (divide by the group's reward std), ``dr_grpo`` (no std division, Dr. GRPO, Liu et al.
+            2025) or ``rloo`` (leave-one-out baseline, Ahmadian et al. 2024).
         clip_low, clip_high: the ratio is clipped to ``[1 - clip_low, 1 + clip_high]``
             (Clip-Higher when ``clip_high > clip_low``, DAPO).
         importance_sampling_level: ``token`` (PPO/GRPO), ``sequence`` (GSPO, Zheng et al. 2025)
-            or ``sequence-token`` (GSPO-token).
+            or ``sequence-token`` (GSPO-token): a name in :data:`~lit_align.losses.IS_LEVELS`.
+        policy_loss: the per-token surrogate, a name in :data:`~lit_align.losses.POLICY_LOSSES`:
+            ``ppo_clip`` (the clipped surrogate) or ``dual_clip`` (Dual-clip PPO, Ye et al. 2020).
         loss_agg_mode: one of :data:`~lit_align.losses.AGG_MODES`, normalised over the whole
             optimizer step (every micro-batch and data-parallel rank).
         beta: KL coefficient; 0 builds no reference model.
@@ -71,21 +76,23 @@ class PolicyGradient(OnlineRLModule):
             reward (0: off).
         overlong_penalty_factor: the punishment's weight in the reward; ``None``: 1. Only with
             ``overlong_buffer > 0``.
-        engine: the rollout engine, a registered name or ``"package.module:Class"`` (see
+        engine: the rollout engine, ``{name, args}`` or a plain name (see
             :class:`~lit_align.algorithms.online.OnlineRLModule`).
         lora, eval_max_new_tokens, num_logged_samples: as in :class:`CausalLMModule`.
 
     Invalid combinations fail here, at construction.
     """
 
-    def __init__(self, model: CausalLMSpec, optim: OptimSpec | None = None, rewards: list[RewardSpec] | None = None,
-                 num_generations: int = 8, sampling: SamplingParams | None = None, advantage_scale: str = "group",
+    def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, rewards: list[RewardSpec] | None = None,
+                 num_generations: int = 8, sampling: SamplingParams | None = None, advantage_estimator: str = "grpo",
                  clip_low: float = 0.2, clip_high: float = 0.2, importance_sampling_level: str = "token",
-                 loss_agg_mode: str = "token-mean", beta: float = 0.0, kl_estimator: str | None = None,
+                 policy_loss: str = "ppo_clip", loss_agg_mode: str = "token-mean", beta: float = 0.0,
+                 kl_estimator: str | None = None,
                  kl_in_reward: bool = False, reference: CausalLMSpec | None = None, num_iterations: int = 1,
                  mini_batches: int = 1, forward_batch_size: int = 32, dynamic_sampling: bool = False,
                  max_generation_rounds: int | None = None, overlong_filtering: bool = False, overlong_buffer: int = 0,
-                 overlong_penalty_factor: float | None = None, engine: str = "hf", lora: LoraSpec | None = None,
+                 overlong_penalty_factor: float | None = None, engine: EngineSpec | str = "hf",
+                 lora: LoraSpec | None = None,
                  eval_max_new_tokens: int = 32, num_logged_samples: int = 4):
         sampling = sampling or SamplingParams(temperature=1.0)
         # settings that would be silently ignored fail first, before anything is built from them
@@ -100,26 +107,32 @@ class PolicyGradient(OnlineRLModule):
         extra = [RewardSpec("overlong", weight=1.0 if overlong_penalty_factor is None else overlong_penalty_factor,
                             args={"max_len": sampling.max_new_tokens, "cache_len": overlong_buffer})] \
             if overlong_buffer > 0 else []
-        super().__init__(model, optim, rewards, sampling, num_generations, beta, kl_estimator, reference,
-                         forward_batch_size, lora, eval_max_new_tokens, num_logged_samples, extra_rewards=extra,
-                         engine=engine)
-        self.max_generation_rounds = DEFAULT_GENERATION_ROUNDS if max_generation_rounds is None else max_generation_rounds
+        super().__init__(model=model, optim=optim, rewards=rewards, sampling=sampling, num_generations=num_generations,
+                         beta=beta, kl_estimator=kl_estimator, reference=reference,
+                         forward_batch_size=forward_batch_size, lora=lora, eval_max_new_tokens=eval_max_new_tokens,
+                         num_logged_samples=num_logged_samples, extra_rewards=extra, engine=engine)
         self.check_settings([
             (num_generations < 2, f"num_generations: need >= 2 samples per prompt for group advantages, got {num_generations}"),
-            (advantage_scale not in ADVANTAGE_SCALES, f"advantage_scale: {advantage_scale!r} is not one of {ADVANTAGE_SCALES}"),
+            (advantage_estimator not in ADVANTAGE_ESTIMATORS, f"advantage_estimator: {advantage_estimator!r} is not one of {tuple(ADVANTAGE_ESTIMATORS)}"),
             (clip_low < 0 or clip_high < 0 or clip_low >= 1, f"clip_low / clip_high: need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}"),
-            (importance_sampling_level not in IS_LEVELS, f"importance_sampling_level: {importance_sampling_level!r} is not one of {IS_LEVELS}"),
-            (loss_agg_mode not in AGG_MODES, f"loss_agg_mode: {loss_agg_mode!r} is not one of {AGG_MODES}"),
+            (importance_sampling_level not in IS_LEVELS, f"importance_sampling_level: {importance_sampling_level!r} is not one of {tuple(IS_LEVELS)}"),
+            (policy_loss not in POLICY_LOSSES, f"policy_loss: {policy_loss!r} is not one of {tuple(POLICY_LOSSES)}"),
+            (loss_agg_mode not in AGG_MODES, f"loss_agg_mode: {loss_agg_mode!r} is not one of {tuple(AGG_MODES)}"),
             (kl_in_reward and beta == 0, "kl_in_reward: needs beta > 0"),
             (num_iterations < 1 or mini_batches < 1, "num_iterations and mini_batches must be >= 1"),
         ])
         self.save_hyperparameters()
+        self.advantage_estimator, self.policy_loss, self.loss_agg_mode = advantage_estimator, policy_loss, loss_agg_mode
+        self.clip_low, self.clip_high, self.importance_sampling_level = clip_low, clip_high, importance_sampling_level
+        self.kl_in_reward, self.num_iterations, self.mini_batches = kl_in_reward, num_iterations, mini_batches
+        self.dynamic_sampling, self.overlong_filtering = dynamic_sampling, overlong_filtering
+        self.max_generation_rounds = DEFAULT_GENERATION_ROUNDS if max_generation_rounds is None else max_generation_rounds
 
     def configure_optimizers(self):
         # with max_steps unset the trainer counts batches; each batch takes mu x mini_batches steps
         steps = int(self.trainer.estimated_stepping_batches)
         if self.trainer.max_steps in (None, -1):
-            steps *= self.hparams.num_iterations * self.hparams.mini_batches
+            steps *= self.num_iterations * self.mini_batches
         return build_optimizer(self.optim, self.model.parameters(), steps)
 
     def collect(self, batch: dict) -> tuple[RolloutBatch, torch.Tensor, dict, dict]:
@@ -131,11 +144,11 @@ class PolicyGradient(OnlineRLModule):
         do not), ``drop_rate`` (share of zero-variance groups among all groups generated this
         step), ``surplus_groups`` (groups with varied rewards left out because the batch was
         already full), ``filled_groups`` and ``rounds``; all per rank."""
-        g = self.hparams.num_generations
+        g = self.num_generations
         rollout, total, parts = self.sample(batch)
         zero_std = total.view(-1, g).std(-1) == 0
         stats = {"zero_std_groups": zero_std.float().mean(), "rounds": 1}
-        if not self.hparams.dynamic_sampling:
+        if not self.dynamic_sampling:
             return rollout, total, parts, stats
         target = rollout.num_groups
         kept = [(rollout, total, parts, ~zero_std)]
@@ -197,14 +210,13 @@ class PolicyGradient(OnlineRLModule):
                    num_seqs: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch as its share of the optimizer step's loss (sums over micro-batches
         and ranks to the step's value). All ``[n, C]`` inputs are cut to ``rollout``'s width."""
-        h = self.hparams
         c = rollout.completion_ids.shape[1]
         old_logp, loss_mask = old_logp[:, :c], loss_mask[:, :c]
         logp, entropy = completion_logprobs(self.model, rollout, self.sampling.temperature, with_entropy=True)
-        agg = dict(agg_mode=h.loss_agg_mode, max_len=self.sampling.max_new_tokens, num_tokens=num_tokens,
+        agg = dict(agg_mode=self.loss_agg_mode, max_len=self.sampling.max_new_tokens, num_tokens=num_tokens,
                    num_seqs=num_seqs)
-        loss, metrics = policy_loss(logp, old_logp, advantages, loss_mask, h.clip_low, h.clip_high,
-                                    level=h.importance_sampling_level, **agg)
+        loss, metrics = policy_loss(logp, old_logp, advantages, loss_mask, self.clip_low, self.clip_high,
+                                    level=self.importance_sampling_level, loss_fn=self.policy_loss, **agg)
         metrics["pg_loss"] = loss.detach()
         mask = loss_mask.float()
         n = mask.sum().clamp(min=1)
@@ -212,18 +224,17 @@ class PolicyGradient(OnlineRLModule):
         if ref_logp is not None:
             kl = kl_penalty(logp, ref_logp[:, :c], self.kl_estimator)
             metrics["kl"] = (kl.detach() * mask).sum() / n
-            if not h.kl_in_reward:
-                kl_loss = aggregate_loss(kl, loss_mask, h.loss_agg_mode, max_len=agg["max_len"],
+            if not self.kl_in_reward:
+                kl_loss = aggregate_loss(kl, loss_mask, self.loss_agg_mode, max_len=agg["max_len"],
                                          num_tokens=num_tokens, num_seqs=num_seqs)
-                loss = loss + h.beta * kl_loss
+                loss = loss + self.beta * kl_loss
         return loss, metrics
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        h = self.hparams
         t0 = time.perf_counter()
         rollout, total, parts, stats = self.collect(batch)
         t1 = time.perf_counter()
-        ref_logp = self.reference_logprobs(rollout) if h.beta > 0 else None
+        ref_logp = self.reference_logprobs(rollout) if self.reference is not None else None
         loss_mask = self.loss_mask(rollout, stats.get("loss_rows"))
         advantages = self.advantages(rollout, total, ref_logp)
         step_metrics = self.update(rollout, rollout.logprobs, ref_logp, advantages, loss_mask, stats.get("loss_rows"))
@@ -233,18 +244,17 @@ class PolicyGradient(OnlineRLModule):
     def advantages(self, rollout: RolloutBatch, total: torch.Tensor, ref_logp: torch.Tensor | None) -> torch.Tensor:
         """``[N]`` group-relative advantages of the rewards; with ``kl_in_reward`` each reward first
         loses ``beta`` x its sequence's summed KL to the reference (the rollout policy's)."""
-        h = self.hparams
         reward = total
-        if h.kl_in_reward:
+        if self.kl_in_reward:
             kl = kl_penalty(rollout.logprobs, ref_logp, self.kl_estimator) * rollout.completion_mask
-            reward = total - h.beta * kl.sum(-1)
-        return group_advantages(reward, h.num_generations, scale=h.advantage_scale)
+            reward = total - self.beta * kl.sum(-1)
+        return ADVANTAGE_ESTIMATORS[self.advantage_estimator](reward, self.num_generations)
 
     def loss_mask(self, rollout: RolloutBatch, loss_rows: torch.Tensor | None = None) -> torch.Tensor:
         """``[N, C]`` tokens that carry loss: the completions, minus truncated ones under overlong
         filtering and minus rows outside ``loss_rows`` (groups that only fill a batch)."""
         mask = rollout.completion_mask.clone()
-        if self.hparams.overlong_filtering:
+        if self.overlong_filtering:
             mask[rollout.truncated] = 0
         if loss_rows is not None:
             mask[~loss_rows] = 0
@@ -255,53 +265,29 @@ class PolicyGradient(OnlineRLModule):
                ) -> dict[str, torch.Tensor]:
         """``num_iterations`` passes of ``mini_batches`` optimizer steps over the rollout
         (``loss_rows``: the real rows, see :meth:`step_normalizers`)."""
-        h = self.hparams
-        n = len(rollout)
-        self.check_mini_batches(n)
-        optimizer, scheduler = self.optimizers(), self.lr_schedulers()
-        world = self.trainer.world_size if self.trainer is not None else 1
-        bounds = [round(i * n / h.mini_batches) for i in range(h.mini_batches + 1)]
-        sums, mins, maxs, count = defaultdict(float), {}, {}, 0
-        for _ in range(h.num_iterations):
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                tokens, seqs = self.step_normalizers(loss_mask[lo:hi], None if loss_rows is None else loss_rows[lo:hi])
-                optimizer.zero_grad()
-                for s in range(lo, hi, h.forward_batch_size):
-                    rows = list(range(s, min(s + h.forward_batch_size, hi)))
-                    micro = rollout.select(rows).trimmed()
-                    loss, metrics = self.micro_loss(micro, old_logp[rows], None if ref_logp is None else ref_logp[rows],
-                                                    advantages[rows], loss_mask[rows], tokens, seqs)
-                    # data parallelism averages gradients over ranks: scale back to the global sum
-                    self.manual_backward(loss * world)
-                    count += 1
-                    for k, v in metrics.items():
-                        if k == "ratio_min":
-                            mins[k] = min(mins.get(k, float("inf")), float(v))
-                        elif k == "ratio_max":
-                            maxs[k] = max(maxs.get(k, float("-inf")), float(v))
-                        else:
-                            sums[k] += float(v)
-                if self.optim.grad_clip is not None:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
-                optimizer.step()
-                scheduler.step()
-        out = {k: torch.tensor(v / max(count, 1)) for k, v in sums.items()}
-        out["pg_loss"] = torch.tensor(sums["pg_loss"] * world / max(h.num_iterations * h.mini_batches, 1))
-        out.update({k: torch.tensor(v) for k, v in {**mins, **maxs}.items()})
-        return out
+        def normalizers(lo: int, hi: int):
+            return self.step_normalizers(loss_mask[lo:hi], None if loss_rows is None else loss_rows[lo:hi])
+
+        def micro(rows: list[int], chunk: RolloutBatch, norms) -> tuple[torch.Tensor, dict]:
+            return self.micro_loss(chunk, old_logp[rows], None if ref_logp is None else ref_logp[rows],
+                                   advantages[rows], loss_mask[rows], *norms)
+
+        metrics = StepMetrics(shares=("pg_loss",), mins=("ratio_min",), maxs=("ratio_max",))
+        stepped = [(self.optimizers(), self.lr_schedulers(), self.optim.grad_clip, "")]
+        return self.optimize(rollout, self.num_iterations, micro, normalizers, stepped, metrics)
 
     # -- logging ----------------------------------------------------------------------
     def log_rollout(self, rollout: RolloutBatch, total: torch.Tensor, parts: dict, stats: dict, metrics: dict,
                     gen_time: float, train_time: float) -> None:
         values = self.rollout_metrics(rollout, total, parts, gen_time, train_time)
         values["zero_std_groups"] = stats["zero_std_groups"]
-        if self.hparams.dynamic_sampling:
+        if self.dynamic_sampling:
             values.update({"dynamic_sampling/drop_rate": torch.tensor(float(stats["drop_rate"])),
                            "dynamic_sampling/surplus_groups": torch.tensor(float(stats["surplus_groups"])),
                            "dynamic_sampling/rounds": torch.tensor(float(stats["rounds"])),
                            "dynamic_sampling/filled_groups": torch.tensor(float(stats["filled_groups"]))})
         for k, v in metrics.items():
-            values[k if k in ("kl", "entropy", "pg_loss") else f"policy/{k}"] = v
+            values[k if k in ("kl", "entropy", "pg_loss", "grad_norm", "grad_clipped") else f"policy/{k}"] = v
         self.log_train(values, len(rollout))
 
 

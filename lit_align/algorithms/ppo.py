@@ -4,17 +4,19 @@ KL penalty in the reward, written with Lightning's manual optimization and two o
 from __future__ import annotations
 
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
-from lit_align.algorithms.online import OnlineRLModule, all_reduce
+from lit_align.algorithms.online import OnlineRLModule
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
-from lit_align.losses import gae, kl_penalty, kl_shaped_rewards, masked_whiten, policy_loss, value_loss
+from lit_align.algorithms.steps import StepMetrics
+from lit_align.distributed import all_reduce
+from lit_align.losses import (POLICY_LOSSES, adaptive_kl_coef, explained_variance, gae, kl_penalty, kl_shaped_rewards,
+                              masked_whiten, policy_loss, value_loss)
 from lit_align.models import CausalLMSpec, LoraSpec, build_reward_model, disable_dropout, token_scores
 from lit_align.rewards import RewardSpec
-from lit_align.rollout import RolloutBatch, SamplingParams, completion_logprobs
+from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, completion_logprobs
 
 
 @dataclass
@@ -31,8 +33,8 @@ class AdaptiveKL:
             raise ValueError(f"adaptive_kl: need target > 0 and horizon >= 1, got {self.target}, {self.horizon}")
 
     def update(self, beta: float, kl: float, n: int) -> float:
-        error = min(max(kl / self.target - 1.0, -0.2), 0.2)
-        return beta * (1.0 + error * n / self.horizon)
+        """The next coefficient (:func:`~lit_align.losses.adaptive_kl_coef`)."""
+        return adaptive_kl_coef(beta, kl, n, self.target, self.horizon)
 
 
 def completion_values(critic: torch.nn.Module, rollout: RolloutBatch) -> torch.Tensor:
@@ -41,18 +43,6 @@ def completion_values(critic: torch.nn.Module, rollout: RolloutBatch) -> torch.T
     values = token_scores(critic, rollout.input_ids, rollout.attention_mask)
     p = rollout.prompt_ids.shape[1]
     return values[:, p - 1: -1].float() * rollout.completion_mask
-
-
-def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 - Var(returns - values) / Var(returns) over valid tokens: 1 for a perfect critic, 0 for a constant one."""
-    mask = mask.float()
-    n = mask.sum().clamp(min=1)
-
-    def var(x):
-        mean = (x * mask).sum() / n
-        return (((x - mean) * mask) ** 2).sum() / n
-
-    return 1.0 - var(returns - values) / var(returns).clamp(min=1e-8)
 
 
 class PPO(OnlineRLModule):
@@ -100,9 +90,13 @@ class PPO(OnlineRLModule):
             ``num_generations``), checked when fitting starts.
         forward_batch_size: rows per forward/backward.
         reference, lora, eval_max_new_tokens, num_logged_samples, engine: as in :class:`OnlineRLModule`.
+        policy_loss: the actor's per-token surrogate, a name in :data:`~lit_align.losses.POLICY_LOSSES`.
+
+    ``beta`` is the configured coefficient (a KL term exists when it is > 0); the coefficient in
+    use is the buffer :attr:`kl_coef`, which the adaptive controller moves and checkpoints keep.
     """
 
-    def __init__(self, model: CausalLMSpec, optim: OptimSpec | None = None, critic_optim: OptimSpec | None = None,
+    def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, critic_optim: OptimSpec | None = None,
                  value_model: CausalLMSpec | None = None, rewards: list[RewardSpec] | None = None,
                  sampling: SamplingParams | None = None, num_generations: int = 1, beta: float = 0.05,
                  kl_estimator: str = "k1", adaptive_kl: AdaptiveKL | None = None,
@@ -110,9 +104,12 @@ class PPO(OnlineRLModule):
                  whiten_advantages: bool = True, clip_range: float = 0.2, clip_range_value: float | None = 0.2,
                  vf_coef: float = 0.1, entropy_coef: float = 0.0, ppo_epochs: int = 4, mini_batches: int = 1,
                  forward_batch_size: int = 32, reference: CausalLMSpec | None = None, lora: LoraSpec | None = None,
-                 eval_max_new_tokens: int = 32, num_logged_samples: int = 4, engine: str = "hf"):
-        super().__init__(model, optim, rewards, sampling, num_generations, beta, kl_estimator, reference,
-                         forward_batch_size, lora, eval_max_new_tokens, num_logged_samples, engine=engine)
+                 eval_max_new_tokens: int = 32, num_logged_samples: int = 4, engine: EngineSpec | str = "hf",
+                 policy_loss: str = "ppo_clip"):
+        super().__init__(model=model, optim=optim, rewards=rewards, sampling=sampling, num_generations=num_generations,
+                         beta=beta, kl_estimator=kl_estimator, reference=reference,
+                         forward_batch_size=forward_batch_size, lora=lora, eval_max_new_tokens=eval_max_new_tokens,
+                         num_logged_samples=num_logged_samples, engine=engine)
         self.check_settings([
             (not 0.0 <= gamma <= 1.0 or not 0.0 <= lam <= 1.0, f"gamma / lam: must be in [0, 1], got {gamma}, {lam}"),
             (not 0.0 < clip_range < 1.0, f"clip_range: must be in (0, 1), got {clip_range}"),
@@ -122,8 +119,12 @@ class PPO(OnlineRLModule):
             (ppo_epochs < 1 or mini_batches < 1, "ppo_epochs and mini_batches must be >= 1"),
             (missing_eos_penalty is not None and missing_eos_penalty < 0, f"missing_eos_penalty: must be >= 0, got {missing_eos_penalty}"),
             (adaptive_kl is not None and beta == 0, "adaptive_kl: needs beta > 0 (a reference to measure KL against)"),
+            (policy_loss not in POLICY_LOSSES, f"policy_loss: {policy_loss!r} is not one of {tuple(POLICY_LOSSES)}"),
         ])
         self.save_hyperparameters()
+        self.missing_eos_penalty, self.gamma, self.lam, self.whiten_advantages = missing_eos_penalty, gamma, lam, whiten_advantages
+        self.clip_range, self.clip_range_value, self.vf_coef, self.entropy_coef = clip_range, clip_range_value, vf_coef, entropy_coef
+        self.ppo_epochs, self.mini_batches, self.policy_loss = ppo_epochs, mini_batches, policy_loss
         self.critic_optim = critic_optim or self.optim
         self.value_spec = value_model or model
         self.critic = None
@@ -149,7 +150,7 @@ class PPO(OnlineRLModule):
         # two optimizers: the trainer counts both; each steps once per mini-batch
         steps = int(self.trainer.estimated_stepping_batches)
         steps = steps // 2 if self.trainer.max_steps not in (None, -1) else \
-            steps * self.hparams.ppo_epochs * self.hparams.mini_batches
+            steps * self.ppo_epochs * self.mini_batches
         actor = build_optimizer(self.optim, self.model.parameters(), max(steps, 1))
         critic = build_optimizer(self.critic_optim, self.critic.parameters(), max(steps, 1))
         # distinct names: LearningRateMonitor logs two schedulers of the same name under one key
@@ -162,9 +163,8 @@ class PPO(OnlineRLModule):
         out = torch.zeros(rollout.completion_ids.shape, device=rollout.completion_ids.device)
         was_training = self.critic.training
         self.critic.eval()
-        for s in range(0, len(rollout), self.forward_batch_size):
-            chunk = rollout.select(list(range(s, min(s + self.forward_batch_size, len(rollout))))).trimmed()
-            out[s: s + len(chunk), : chunk.completion_ids.shape[1]] = completion_values(self.critic, chunk)
+        for rows, chunk in rollout.chunks(self.forward_batch_size):
+            out[rows[0]: rows[-1] + 1, : chunk.completion_ids.shape[1]] = completion_values(self.critic, chunk)
         self.critic.train(was_training)
         return out
 
@@ -181,20 +181,19 @@ class PPO(OnlineRLModule):
         else:
             kl = torch.zeros_like(rollout.logprobs)
         rewards, non_score = kl_shaped_rewards(scores, kl, mask, float(self.kl_coef))
-        advantages, returns = gae(rewards, values, mask, self.hparams.gamma, self.hparams.lam)
-        if self.hparams.whiten_advantages:
+        advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
+        if self.whiten_advantages:
             advantages = masked_whiten(advantages, mask)
         return {"rewards": rewards, "non_score": non_score, "kl": kl, "advantages": advantages, "returns": returns}
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
-        h = self.hparams
         t0 = time.perf_counter()
         rollout, total, parts = self.sample(batch)
         t1 = time.perf_counter()
         scores = total.clone()
-        if h.missing_eos_penalty:
-            scores = scores - h.missing_eos_penalty * rollout.truncated.float()
-        ref_logp = self.reference_logprobs(rollout) if self.beta > 0 else None
+        if self.missing_eos_penalty:
+            scores = scores - self.missing_eos_penalty * rollout.truncated.float()
+        ref_logp = self.reference_logprobs(rollout) if self.reference is not None else None
         values = self.rollout_values(rollout)
         t = self.targets(rollout, scores, ref_logp, values)
         metrics = self.update(rollout, values, t["advantages"], t["returns"])
@@ -218,20 +217,19 @@ class PPO(OnlineRLModule):
                      ) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Actor and critic losses of one micro-batch as its share of the optimizer step
         (token means over the step's ``num_tokens`` valid tokens, all ranks)."""
-        h = self.hparams
         c = rollout.completion_ids.shape[1]
         mask = rollout.completion_mask
         old_logp, old_values, advantages, returns = (x[:, :c] for x in (old_logp, old_values, advantages, returns))
         logp, entropy = completion_logprobs(self.model, rollout, self.sampling.temperature, with_entropy=True,
-                                            entropy_grad=h.entropy_coef > 0)
-        pg_loss, pg = policy_loss(logp, old_logp, advantages, mask, h.clip_range, h.clip_range, level="token",
-                                  agg_mode="token-mean", num_tokens=num_tokens)
+                                            entropy_grad=self.entropy_coef > 0)
+        pg_loss, pg = policy_loss(logp, old_logp, advantages, mask, self.clip_range, self.clip_range, level="token",
+                                  agg_mode="token-mean", num_tokens=num_tokens, loss_fn=self.policy_loss)
         ent = (entropy * mask).sum() / num_tokens
-        actor_loss = pg_loss - h.entropy_coef * ent
+        actor_loss = pg_loss - self.entropy_coef * ent
         values = completion_values(self.critic, rollout)
-        vf_loss, vf = value_loss(values, old_values, returns, mask, h.clip_range_value)
+        vf_loss, vf = value_loss(values, old_values, returns, mask, self.clip_range_value)
         share = mask.sum() / num_tokens  # value_loss is a mean over this micro-batch's tokens
-        critic_loss = h.vf_coef * vf_loss * share
+        critic_loss = self.vf_coef * vf_loss * share
         metrics = {"policy/pg_loss": pg_loss.detach(), "policy/clip_frac": pg["clip_frac_low"] + pg["clip_frac_high"],
                    "policy/approx_kl": pg["approx_kl"], "policy/ratio_mean": pg["ratio_mean"],
                    "entropy": ent.detach(), "value/loss": (vf_loss * share).detach(), "value/clip_frac": vf["clip_frac"]}
@@ -240,38 +238,17 @@ class PPO(OnlineRLModule):
     def update(self, rollout: RolloutBatch, old_values: torch.Tensor, advantages: torch.Tensor,
                returns: torch.Tensor) -> dict[str, torch.Tensor]:
         """``ppo_epochs`` passes of ``mini_batches`` steps of both optimizers."""
-        h = self.hparams
+        def normalizers(lo: int, hi: int) -> torch.Tensor:
+            return all_reduce(rollout.completion_mask[lo:hi].sum().float()).clamp(min=1)
+
+        def micro(rows: list[int], chunk: RolloutBatch, num_tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            actor_loss, critic_loss, metrics = self.micro_losses(
+                chunk, rollout.logprobs[rows], old_values[rows], advantages[rows], returns[rows], num_tokens)
+            # disjoint graphs: each loss reaches only its own model, so one backward serves both
+            return actor_loss + critic_loss, metrics
+
         (actor_opt, critic_opt), (actor_sched, critic_sched) = self.optimizers(), self.lr_schedulers()
-        world = self.trainer.world_size if self.trainer is not None else 1
-        n = len(rollout)
-        self.check_mini_batches(n)
-        bounds = [round(i * n / h.mini_batches) for i in range(h.mini_batches + 1)]
-        sums, count = defaultdict(float), 0
-        for _ in range(h.ppo_epochs):
-            for lo, hi in zip(bounds[:-1], bounds[1:]):
-                num_tokens = all_reduce(rollout.completion_mask[lo:hi].sum().float()).clamp(min=1)
-                actor_opt.zero_grad()
-                critic_opt.zero_grad()
-                for s in range(lo, hi, self.forward_batch_size):
-                    rows = list(range(s, min(s + self.forward_batch_size, hi)))
-                    micro = rollout.select(rows).trimmed()
-                    actor_loss, critic_loss, metrics = self.micro_losses(
-                        micro, rollout.logprobs[rows], old_values[rows], advantages[rows], returns[rows], num_tokens)
-                    # one backward for both (disjoint graphs: each loss reaches only its own model),
-                    # since data parallelism expects one per forward; scaled back to the global sum
-                    # because it averages gradients over ranks
-                    self.manual_backward((actor_loss + critic_loss) * world)
-                    count += 1
-                    for k, v in metrics.items():
-                        sums[k] += float(v)
-                for opt, sched, spec in ((actor_opt, actor_sched, self.optim), (critic_opt, critic_sched, self.critic_optim)):
-                    if spec.grad_clip is not None:
-                        self.clip_gradients(opt, gradient_clip_val=spec.grad_clip, gradient_clip_algorithm="norm")
-                    opt.step()
-                    sched.step()
-        steps = h.ppo_epochs * h.mini_batches
-        out = {}
-        for k, v in sums.items():
-            # losses are shares that add up over a step's micro-batches; the rest are micro-batch means
-            out[k] = torch.tensor(v * world / steps if k in ("policy/pg_loss", "value/loss", "entropy") else v / max(count, 1))
-        return out
+        stepped = [(actor_opt, actor_sched, self.optim.grad_clip, "/actor"),
+                   (critic_opt, critic_sched, self.critic_optim.grad_clip, "/critic")]
+        metrics = StepMetrics(shares=("policy/pg_loss", "value/loss", "entropy"))
+        return self.optimize(rollout, self.ppo_epochs, micro, normalizers, stepped, metrics)

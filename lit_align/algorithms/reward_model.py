@@ -49,7 +49,7 @@ class RewardModel(CausalLMModule):
 
     monitor = ("val/accuracy", "max")  # a reward model does not generate
 
-    def __init__(self, model: CausalLMSpec, optim: OptimSpec | None = None, center_coef: float = 0.0,
+    def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, center_coef: float = 0.0,
                  use_margin: bool = True, num_logged_samples: int = 4):
         if center_coef < 0:
             raise ValueError(f"RewardModel.center_coef: {center_coef} must be >= 0")
@@ -109,15 +109,10 @@ class RewardModel(CausalLMModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         chosen, rejected = self.pair_scores(batch)
-        loss = self.pair_loss(chosen, rejected, batch)
-        # Sum of per-pair losses over the step's pairs: Lightning divides by
-        # accumulate_grad_batches and data parallelism averages over ranks, so scaling by both
-        # makes the step's gradient that of one mean over all its pairs (as SFT's token mean).
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
-        step_loss = loss * chosen.shape[0] / batch["num_seqs_step"] * scale
+        loss = self.pair_loss(chosen, rejected, batch)  # a mean over this micro-batch's pairs
         self._update_metrics("train", loss, chosen, rejected, on_step=True)
         self.log_throughput(batch)
-        return step_loss
+        return self.step_loss(loss * chosen.shape[0] / batch["num_seqs_step"])
 
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
         chosen, rejected = self.pair_scores(batch)

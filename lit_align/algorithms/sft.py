@@ -23,14 +23,11 @@ class SFT(CausalLMModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logp, mask = self.shifted(batch)
-        # Lightning divides by accumulate_grad_batches and data parallelism averages over
-        # ranks; scaling by both turns the per-micro-batch sums into one global token mean.
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size
-        loss = aggregate_loss(-logp, mask, "token-mean", num_tokens=batch["num_label_tokens_step"]) * scale
+        share = aggregate_loss(-logp, mask, "token-mean", num_tokens=batch["num_label_tokens_step"])
         n = mask.sum().clamp(min=1)
         self.log("train/loss", (-(logp * mask).sum() / n).detach(), prog_bar=True, batch_size=int(n))
         self.log_throughput(batch)
-        return loss
+        return self.step_loss(share)
 
     def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
         logp, mask = self.shifted(batch)

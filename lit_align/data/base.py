@@ -127,6 +127,7 @@ class TextDataModule(L.LightningDataModule):
                 continue
             cut.update(enc.pop("truncated", ()))
             enc["meta"] = {k: v for k, v in row.items() if k not in used and isinstance(v, SCALARS)}
+            enc["index"] = len(out)  # the row's position in its encoded split: a key for per-row state
             out.append(enc)
         for reason, n in dropped.items():
             self.stats[f"data/{split}_dropped_{reason.replace(' ', '_')}"] = n

@@ -85,7 +85,7 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     rejected, so a policy scores a batch of pairs with one forward pass.
 
     Keys: ``input_ids``, ``attention_mask``, ``labels`` ``[2B, T]``; ``margin`` ``[B]`` when the
-    rows have one; ``ref_chosen``/``ref_rejected`` ``[B]`` when reference log-probs were precomputed.
+    rows have one; ``index`` ``[B]`` (each pair's position in its split) when the rows have one.
     A margin on some rows only is an error: leaving the others out would drop every margin of the batch.
     """
     seqs = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
@@ -100,9 +100,8 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
                          "give every pair one or none")
     if with_margin:
         batch["margin"] = torch.tensor([float(r["margin"]) for r in rows])
-    if all("ref_chosen" in r for r in rows):
-        batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows])
-        batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows])
+    if all("index" in r for r in rows):
+        batch["index"] = torch.tensor([r["index"] for r in rows], dtype=torch.long)
     return batch
 
 

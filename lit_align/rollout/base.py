@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import abc
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -128,6 +128,32 @@ def resolve_engine(name: str) -> type[RolloutEngine]:
     return obj
 
 
-def build_engine(name: str, tokenizer, logprob_batch_size: int = 32) -> RolloutEngine:
-    """``resolve_engine(name)(tokenizer, logprob_batch_size=logprob_batch_size)``."""
-    return resolve_engine(name)(tokenizer, logprob_batch_size=logprob_batch_size)
+@dataclass
+class EngineSpec:
+    """Which rollout engine an online module builds, as YAML gives it (``engine: {name, args}``).
+
+    Args:
+        name: a registered name (:data:`ENGINES`: ``hf``) or an import path ``"package.module:Class"``
+            of a :class:`RolloutEngine` subclass.
+        args: keyword arguments of the engine's constructor besides the tokenizer and
+            ``logprob_batch_size`` (which the module passes).
+    """
+
+    name: str = "hf"
+    args: dict = field(default_factory=dict)
+
+
+def build_engine(spec: EngineSpec | str, tokenizer, logprob_batch_size: int = 32) -> RolloutEngine:
+    """``cls(tokenizer, logprob_batch_size=..., **spec.args)`` for the class :func:`resolve_engine`
+    finds; a plain string is ``EngineSpec(name=string)``. Bad arguments raise ``ValueError``."""
+    spec = EngineSpec(name=spec) if isinstance(spec, str) else spec
+    if not isinstance(spec.args, dict):
+        raise ValueError(f"{spec.name!r}: args must be a mapping of keyword arguments, got {type(spec.args).__name__}")
+    cls = resolve_engine(spec.name)
+    reserved = {"tokenizer", "logprob_batch_size"} & set(spec.args)
+    if reserved:
+        raise ValueError(f"{spec.name!r}: args {sorted(reserved)} are set by the module (forward_batch_size), not here")
+    try:
+        return cls(tokenizer, logprob_batch_size=logprob_batch_size, **spec.args)
+    except TypeError as e:  # a keyword the class does not take
+        raise ValueError(f"{spec.name!r}: bad args {spec.args!r}: {e}") from e

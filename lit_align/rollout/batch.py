@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Iterator
 
 import torch
 
@@ -22,9 +23,12 @@ class RolloutBatch:
     Tensors (``P`` prompt width, ``C`` completion width):
         prompt_ids ``[N, P]`` left-padded, prompt_mask ``[N, P]``;
         completion_ids ``[N, C]`` right-padded (pad after EOS), completion_mask ``[N, C]``
-        (1 on sampled tokens, EOS included); logprobs ``[N, C]`` float32 log-probs of the sampled
-        tokens under ``softmax(logits / temperature)`` of the sampling policy (0 off the mask);
-        truncated ``[N]`` bool (no EOS within ``max_new_tokens``).
+        (1 on sampled tokens, the stop token included); logprobs ``[N, C]`` float32 log-probs of the
+        sampled tokens under ``softmax(logits / temperature)`` of the sampling policy, as the
+        training forward computes them (0 off the mask); sampler_logprobs ``[N, C]`` or ``None``:
+        the same log-probs as the sampler itself computed them (its kernels, precision and
+        processing), so the gap between the two can be measured and corrected; truncated ``[N]``
+        bool (no stop token within ``max_new_tokens``).
     Lists of length ``N``: prompts and completions (text, completion up to its EOS) and meta
     (the prompt row's metadata). ``group_size`` is the number of samples per prompt.
     """
@@ -35,6 +39,7 @@ class RolloutBatch:
     completion_mask: torch.Tensor
     logprobs: torch.Tensor
     truncated: torch.Tensor
+    sampler_logprobs: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
@@ -85,9 +90,20 @@ class RolloutBatch:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("prompt_ids", "prompt_mask"):
             out[name] = out[name][:, p0:]
-        for name in ("completion_ids", "completion_mask", "logprobs"):
-            out[name] = out[name][:, :c1]
+        for name in ("completion_ids", "completion_mask", "logprobs", "sampler_logprobs"):
+            if out[name] is not None:
+                out[name] = out[name][:, :c1]
         return RolloutBatch(**out)
+
+    def chunks(self, size: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[list[int], "RolloutBatch"]]:
+        """``(rows, chunk)`` for consecutive chunks of at most ``size`` rows of ``[lo, hi)``, each
+        :meth:`trimmed`: the one layout of every pass over a rollout (scoring, reference, values and
+        training micro-batches), so values computed chunk by chunk line up with the training
+        forward's."""
+        hi = len(self) if hi is None else hi
+        for s in range(lo, hi, size):
+            rows = list(range(s, min(s + size, hi)))
+            yield rows, self.select(rows).trimmed()
 
     @staticmethod
     def cat(batches: list["RolloutBatch"], pad_id: int) -> "RolloutBatch":
@@ -100,11 +116,13 @@ class RolloutBatch:
         p = max(b.prompt_ids.shape[1] for b in batches)
         c = max(b.completion_ids.shape[1] for b in batches)
         pads = {"prompt_ids": (p, pad_id, True), "prompt_mask": (p, 0, True), "completion_ids": (c, pad_id, False),
-                "completion_mask": (c, 0, False), "logprobs": (c, 0.0, False)}
+                "completion_mask": (c, 0, False), "logprobs": (c, 0.0, False), "sampler_logprobs": (c, 0.0, False)}
         out = {}
         for f in fields(RolloutBatch):
             values = [getattr(b, f.name) for b in batches]
-            if f.name in pads:
+            if f.name == "sampler_logprobs" and any(v is None for v in values):
+                out[f.name] = None
+            elif f.name in pads:
                 width, value, left = pads[f.name]
                 out[f.name] = torch.cat([_pad_to(v, width, value, left) for v in values])
             elif f.name == "truncated":

@@ -6,15 +6,12 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.distributed as dist
 
+from lit_align import distributed
+from lit_align.distributed import is_sharded
 from lit_align.losses import token_entropy, token_logprobs
 from lit_align.rollout.base import RolloutEngine, SamplingParams, register_engine
 from lit_align.rollout.batch import RolloutBatch
-
-
-def _sharded(model: torch.nn.Module) -> bool:
-    return any(hasattr(p, "full_tensor") for p in model.parameters())
 
 
 def _without_autograd(fn):
@@ -23,7 +20,7 @@ def _without_autograd(fn):
     made under inference mode cannot be written outside it (scoring and training forwards)."""
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
-        with torch.no_grad(), torch.inference_mode(not _sharded(model)):
+        with torch.no_grad(), torch.inference_mode(not is_sharded(model)):
             return fn(model, *args, **kwargs)
     return wrapper
 
@@ -42,7 +39,7 @@ def hf_generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samp
         greedy = sampling.temperature == 0
         kwargs = dict(do_sample=not greedy, max_new_tokens=sampling.max_new_tokens, pad_token_id=pad_token_id,
                       eos_token_id=eos_token_id, num_return_sequences=sampling.n, use_cache=True,
-                      synced_gpus=dist.is_available() and dist.is_initialized() and _sharded(model))
+                      synced_gpus=distributed.initialized() and is_sharded(model))
         if not greedy:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)  # 0 turns the top-k filter off
         else:  # HF refuses num_return_sequences > 1 without sampling: repeat the prompts instead
@@ -105,10 +102,9 @@ def chunked_logprobs(model: torch.nn.Module, rollout: RolloutBatch, temperature:
     model.eval()
     try:
         out = torch.zeros_like(rollout.completion_ids, dtype=torch.float32)
-        for s in range(0, len(rollout), batch_size):
-            chunk = rollout.select(list(range(s, min(s + batch_size, len(rollout))))).trimmed()
+        for rows, chunk in rollout.chunks(batch_size):
             logp, _ = completion_logprobs(model, chunk, temperature)
-            out[s: s + len(chunk), : logp.shape[1]] = logp
+            out[rows[0]: rows[-1] + 1, : logp.shape[1]] = logp
     finally:
         model.train(was_training)
     return out

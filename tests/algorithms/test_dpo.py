@@ -62,10 +62,11 @@ def test_precomputed_reference_equals_live_reference():
         p.add_(0.1)
     pre.precompute_reference(dm)
     batch = _batch(dm)
-    assert "ref_chosen" in batch
-    torch.testing.assert_close(batch["ref_chosen"], live_c)
-    torch.testing.assert_close(batch["ref_rejected"], live_r)
-    assert all("ref_chosen" in r for rows in dm.encoded.values() for r in rows)
+    pre_c, pre_r = pre.reference_logps(batch, "train")  # looked up by the pairs' row index
+    torch.testing.assert_close(pre_c, live_c)
+    torch.testing.assert_close(pre_r, live_r)
+    assert set(pre.reference.tables) == set(dm.encoded)  # every split, once
+    assert not any("ref_chosen" in r for rows in dm.encoded.values() for r in rows)  # the rows are left alone
 
 
 def test_lora_reference_is_the_base_with_adapters_disabled():

@@ -111,7 +111,7 @@ def _trainer(tmp_path, max_steps, **kw):
     (dict(num_generations=1), "num_generations"),
     (dict(sampling=SamplingParams(n=2, temperature=1.0)), "sampling.n"),
     (dict(sampling=SamplingParams(temperature=0.0)), "temperature"),
-    (dict(advantage_scale="batch"), "advantage_scale"),
+    (dict(advantage_estimator="batch"), "advantage_estimator"),
     (dict(clip_low=1.0), "clip_low"),
     (dict(importance_sampling_level="tok"), "importance_sampling_level"),
     (dict(loss_agg_mode="mean"), "loss_agg_mode"),
@@ -350,7 +350,7 @@ def test_overlong_filtering_keeps_the_sequence_denominator(tmp_path, agg):
     Dr. GRPO's loss is sum over kept tokens / (all 16 rows x max_new_tokens), whatever the number
     of truncated rows (first update: ratio 1, so each kept token's loss is -A)."""
     m, calls = _module(engine=FIXED_ENGINE, rewards=[ODD], overlong_filtering=True, loss_agg_mode=agg,
-                       advantage_scale="none"), {}
+                       advantage_estimator="dr_grpo"), {}
     seen = []
     micro_loss = m.micro_loss
 
@@ -369,7 +369,7 @@ def test_overlong_filtering_keeps_the_sequence_denominator(tmp_path, agg):
     assert num_seqs == len(rollout) == 16  # the filtered rows still count
     kept = ~truncated
     assert mask[truncated].sum() == 0 and num_tokens == float(rollout.completion_mask[kept].sum())
-    adv_hand = total - total.view(-1, G).mean(-1).repeat_interleave(G)  # advantage_scale none
+    adv_hand = total - total.view(-1, G).mean(-1).repeat_interleave(G)  # advantage_estimator dr_grpo
     torch.testing.assert_close(adv, adv_hand)
     lengths = rollout.completion_mask.sum(-1).float()
     per_seq = {"seq-mean-token-sum-norm": -adv_hand * lengths / 4, "seq-mean-token-mean": -adv_hand,
@@ -549,14 +549,17 @@ def test_grad_clip_bounds_every_update(tmp_path, grad_clip):
     unclipped norm is larger), keeping its direction; without it nothing is clipped."""
     m = _module(rewards=[ODD], mini_batches=2, optim=OptimSpec(lr=1e-3, warmup_steps=0, schedule="constant",
                                                               grad_clip=grad_clip))
-    seen, clip = [], m.clip_gradients
+    seen, clip = [], m.clip_and_measure
 
-    def spy(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+    def spy(optimizer, max_norm, name=""):
         before = _flat_grad(m).clone()
-        clip(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
-        seen.append((before, _flat_grad(m).clone(), gradient_clip_val, gradient_clip_algorithm))
+        out = clip(optimizer, max_norm, name)
+        if max_norm is not None:  # without a limit the norm is only measured
+            seen.append((before, _flat_grad(m).clone(), max_norm, "norm"))
+        torch.testing.assert_close(out["grad_norm"], before.norm())  # the norm before clipping
+        return out
 
-    m.clip_gradients = spy
+    m.clip_and_measure = spy
     at_step = GradAtStep()
     _trainer(tmp_path, max_steps=2, callbacks=[at_step]).fit(m, datamodule=_data(prompts=4))
     assert len(at_step.grads) == 2

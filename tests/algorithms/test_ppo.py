@@ -378,18 +378,20 @@ def test_each_optimizer_clips_its_own_gradients_to_its_own_limit(tmp_path):
                 optim=OptimSpec(lr=1e-3, schedule="constant", grad_clip=limits["model"]),
                 critic_optim=OptimSpec(lr=1e-3, schedule="constant", grad_clip=limits["critic"]))
     flat = lambda model: torch.cat([p.grad.flatten() for p in model.parameters()])  # noqa: E731
-    seen, clip = [], m.clip_gradients
+    seen, clip = [], m.clip_and_measure
 
-    def spy(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+    def spy(optimizer, max_norm, suffix=""):
         params = {id(p) for g in optimizer.param_groups for p in g["params"]}
         name = next(n for n in limits if params == {id(p) for p in getattr(m, n).parameters()})
         other = "critic" if name == "model" else "model"
         before, untouched = flat(getattr(m, name)).clone(), flat(getattr(m, other)).clone()
-        clip(optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm)
+        out = clip(optimizer, max_norm, suffix)
         assert torch.equal(flat(getattr(m, other)), untouched)  # the other model's gradient is left alone
-        seen.append((name, before, flat(getattr(m, name)).clone(), gradient_clip_val, gradient_clip_algorithm))
+        torch.testing.assert_close(out[f"grad_norm{suffix}"], before.norm())  # measured before clipping
+        seen.append((name, before, flat(getattr(m, name)).clone(), max_norm, "norm"))
+        return out
 
-    m.clip_gradients = spy
+    m.clip_and_measure = spy
     at_step = GradAtStep()
     trainer = _trainer(tmp_path, max_steps=2, callbacks=[at_step])
     trainer.fit(m, datamodule=_data())

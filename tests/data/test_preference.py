@@ -250,11 +250,9 @@ def test_collation_stacks_chosen_rows_then_rejected_rows_in_pair_order(tmp_path)
     assert batch["references"] == ["c", "cc", "ccc"]
 
 
-def test_train_batches_keep_each_pair_together_with_its_margin_and_reference_logps(tmp_path):
+def test_train_batches_keep_each_pair_together_with_its_margin_and_row_index(tmp_path):
     dm = module(tmp_path, pairs(7), micro_batch_size=3, max_length=64)
-    for r in dm.encoded["train"]:  # as DPO(precompute_ref_logps=True) stores them
-        k = int(byte_tokenizer().decode(r["prompt_ids"])[1:-1])
-        r["ref_chosen"], r["ref_rejected"] = -float(k), -float(k) - 0.25
+    number = {i: int(byte_tokenizer().decode(r["prompt_ids"])[1:-1]) for i, r in enumerate(dm.encoded["train"])}
     seen = []
     for batch in dm.train_dataloader():
         B = batch["margin"].shape[0]
@@ -262,8 +260,8 @@ def test_train_batches_keep_each_pair_together_with_its_margin_and_reference_log
         ks = [pair_number(batch["input_ids"][i]) for i in range(B)]
         assert [pair_number(batch["input_ids"][B + i]) for i in range(B)] == ks
         assert batch["margin"].tolist() == [k / 2 - 1 for k in ks]
-        assert batch["ref_chosen"].tolist() == [-float(k) for k in ks]
-        assert batch["ref_rejected"].tolist() == [-float(k) - 0.25 for k in ks]
+        # each pair's position in its split: the key of per-row state (precomputed reference log-probs)
+        assert [number[i] for i in batch["index"].tolist()] == ks
         # each micro-batch is its own optimizer step here: both sides' labels count
         assert batch["num_label_tokens_step"].item() == (batch["labels"] != IGN).sum().item()
         seen += ks
@@ -273,7 +271,7 @@ def test_train_batches_keep_each_pair_together_with_its_margin_and_reference_log
 def test_no_margin_column_no_margin_in_the_batch(tmp_path):
     dm = module(tmp_path, pairs(2, margin=False))
     batch = dm.collate([[r] for r in dm.encoded["train"]])
-    assert set(batch) == {"input_ids", "attention_mask", "labels"}
+    assert set(batch) == {"input_ids", "attention_mask", "labels", "index"}
 
 
 @pytest.mark.parametrize("ext", ["jsonl", "json", "csv", "parquet"])
