@@ -2,6 +2,8 @@
 are the runs' own logged values, failures are listed and never averaged, re-runs resume."""
 
 import csv
+import glob
+import json
 import math
 import os
 import statistics
@@ -33,7 +35,7 @@ class CrashAt(Callback):
         self.step, self.seed, self.hard = step, seed, hard
 
     def on_train_batch_end(self, trainer, *args) -> None:
-        if trainer.global_step >= self.step and int(os.environ.get("PL_GLOBAL_SEED", -1)) == self.seed:
+        if trainer.global_step >= self.step and int(os.environ.get("PL_GLOBAL_SEED", "-1")) == self.seed:
             if self.hard:
                 os._exit(3)
             raise RuntimeError(f"crash at step {trainer.global_step}")
@@ -107,6 +109,7 @@ BAD_FILES = [
     ({"metrics": {"val/exact_match": "up"}}, "metrics.val/exact_match: expected max or min"),
     ({"seeds": [0, 0]}, "seeds: repeated seeds"),
     ({"budget": {"metric": "train/response_length/mean", "scale": -1}}, "budget.scale: must be > 0"),
+    ({"budget": {"metric": "train/response_length/mean", "reduce": "mean"}}, "budget.reduce: expected sum"),
     ({"paper": {"source": "s", "metric": "m", "beside": "val/nope"}}, "paper.beside: 'val/nope' is not one of"),
     ({"variants": [{"name": "a", "paper": 30}]}, "variants (a).paper: paper values need a top-level paper"),
 ]
@@ -121,6 +124,19 @@ def test_bad_ablation_files_fail_naming_the_file_and_the_field(tmp_path, change,
     with pytest.raises(AblationError) as error:
         load_ablation(str(path))
     assert f"ablate: {path}: {message}" in str(error.value)
+
+
+SHIPPED = sorted(glob.glob(os.path.join(REPO, "configs", "ablations", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, REPO))
+def test_every_shipped_ablation_file_loads_and_plans(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # shipped files name recipes relative to the repository root
+    ablation = load_ablation(os.path.relpath(path, REPO))
+    runs = plan(ablation)
+    assert len(runs) == len(ablation.variants) * len(ablation.seeds)
+    names = [load_ablation(os.path.relpath(p, REPO)).name for p in SHIPPED]
+    assert names.count(ablation.name) == 1, f"two ablation files write logs/{ablation.name}/"
 
 
 def test_missing_required_fields_and_missing_files(tmp_path):
@@ -173,6 +189,7 @@ def test_budget_is_the_per_step_product_times_scale_summed():
     curves = {"len": [(0, 4.0), (1, 6.0), (2, 5.0)], "rounds": [(0, 1.0), (2, 3.0)]}
     assert budget_curve(curves, Budget(("len",), scale=8)) == [(0, 32.0), (1, 80.0), (2, 120.0)]
     assert budget_curve(curves, Budget(("len", "rounds"), scale=2)) == [(0, 8.0), (2, 38.0)]
+    assert budget_curve(curves, Budget(("len",), scale=2, reduce="last")) == [(0, 8.0), (1, 12.0), (2, 10.0)]
     assert budget_curve(curves, Budget(("tokens",))) is None
 
 
@@ -186,7 +203,7 @@ def test_mean_and_sample_std():
 def test_resume_decisions(tmp_path):
     ablation = from_flags(QUICKSTART, [], [0, 1, 2, 3, 4], ["m"], [])
     runs = plan(ablation, str(tmp_path))
-    base = lambda r, **kw: {"fingerprint": r.fingerprint, **kw}  # noqa: E731
+    base = lambda r, **kw: {"fingerprint": r.fingerprint, **kw}
     runs[0].write_record(base(runs[0], status=FINISHED))
     runs[1].write_record(base(runs[1], status=FAILED, error="ValueError: x"))
     runs[2].write_record(base(runs[2], status="running"))  # its sweep was killed
@@ -264,8 +281,6 @@ def test_tiny_sweep_report_matches_the_logs_lists_failures_and_resumes(tmp_path,
     assert float(rows["b"]["budget_mean"]) > float(rows["a"]["budget_mean"])  # lr 3e-2 without warm-up
     assert rows["a"]["paper"] == "1.5"
     # the record's final value (the trainer's own) is the end of the logged curve
-    import json
-
     record = json.loads((sweep / "a" / "seed0" / "run.json").read_text())
     assert record["final"]["train/loss"] == pytest.approx(per_run["a", 0]["train/loss"][-1][1])
 
@@ -317,8 +332,6 @@ def test_parallel_runs_in_subprocesses_with_a_share_of_the_cores(tmp_path, monke
     logs = tmp_path / "logs"
     summaries = main(["--config", path, "--logs_dir", str(logs), "--checkpoints_dir", str(tmp_path / "ckpt"),
                       "--parallel", "2"], echo=lambda *a: None)
-    import json
-
     ok = json.loads((logs / "par" / "ok" / "seed0" / "run.json").read_text())
     assert ok["status"] == FINISHED and ok["threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     killed = json.loads((logs / "par" / "killed" / "seed0" / "run.json").read_text())

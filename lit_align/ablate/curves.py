@@ -48,8 +48,9 @@ class CurveStats:
 
 
 def budget_curve(curves: dict[str, Curve], budget: Budget) -> Curve | None:
-    """The cumulative budget at every step where all of ``budget.metrics`` were logged (their
-    product times ``budget.scale``, summed up to that step); ``None`` if one was never logged."""
+    """The budget spent by every step where all of ``budget.metrics`` were logged: their product
+    times ``budget.scale``, summed up to that step (``reduce="sum"``, per-step counts) or as is
+    (``"last"``, a cumulative counter); ``None`` if one was never logged."""
     series = [dict(curves.get(m) or []) for m in budget.metrics]
     if not all(series):
         return None
@@ -58,7 +59,7 @@ def budget_curve(curves: dict[str, Curve], budget: Budget) -> Curve | None:
         value = budget.scale
         for s in series:
             value *= s[step]
-        total += value
+        total = total + value if budget.reduce == "sum" else value
         out.append((step, total))
     return out
 

@@ -112,8 +112,10 @@ def _cell(values: list[float], finished: int, step: bool = False) -> str:
     if not values:
         return "n/a"
     mean, std = mean_std(values)
-    fmt = (lambda x: "nan" if math.isnan(x) else f"{x:.0f}") if step else _num
-    text = fmt(mean) if math.isnan(std) else f"{fmt(mean)} ± {fmt(std)}"
+    if step:
+        text = f"{mean:.0f}" if math.isnan(std) else f"{mean:.0f} ± {std:.0f}"
+    else:  # the spread needs two significant digits, the mean four
+        text = _num(mean) if math.isnan(std) else f"{_num(mean)} ± {std:.2g}"
     return text + (f" (n={len(values)})" if len(values) < finished else "")
 
 
@@ -157,8 +159,9 @@ def markdown(ablation: Ablation, summaries: list[Summary], command: str, plots: 
     if common:
         lines.append(f"- every run: {common}")
     lines += ["", ("Mean ± sample std over the finished seeds; *best* is each run's best logged value and *step of "
-                   "best* the step where it first reached it. Runs that did not finish are listed below and not averaged "
-                   "in."), "", "## Variants", ""]
+                   "best* the step where it first reached it. Steps are the logger's: training batches, so rollouts for "
+                   "the online-RL modules (whose `trainer.max_steps` counts optimizer steps). Runs that did not finish "
+                   "are listed below and not averaged in."), "", "## Variants", ""]
     header = ["variant", "what it changes", "runs"]
     if ablation.budget:
         header.append(f"{ablation.budget.label} (total per run)")
@@ -171,9 +174,10 @@ def markdown(ablation: Ablation, summaries: list[Summary], command: str, plots: 
         row.append(_cell(s.seconds(), len(s.finished)))
         lines.append("| " + " | ".join(row) + " |")
     if ablation.budget:
-        lines += ["", f"{ablation.budget.label}: the sum over logged steps of "
-                  + " x ".join(f"`{m}`" for m in ablation.budget.metrics)
-                  + (f" x {_num(ablation.budget.scale)}" if ablation.budget.scale != 1 else "") + "."]
+        b = ablation.budget
+        what = " x ".join(f"`{m}`" for m in b.metrics) + (f" x {_num(b.scale)}" if b.scale != 1 else "")
+        lines += ["", f"{b.label}: " + (f"the sum over logged steps of {what}." if b.reduce == "sum"
+                                         else f"the last logged value of {what}.")]
     for metric, mode in ablation.metrics.items():
         paper = ablation.paper if ablation.paper and ablation.paper.beside == metric else None
         header = ["variant", "runs"] + ([f"paper: {paper.metric}"] if paper else []) + [label for _, label in STATS]

@@ -5,21 +5,22 @@ a list of delta files composed after the base, and/or CLI overrides), the seeds,
 report, the step budget every run gets, and optionally the logged budget column and the paper's
 own numbers::
 
-    name: dapo_table1                       # the sweep: logs/<name>/ (default: the file's name)
+    name: dapo_steps                        # the sweep: logs/<name>/ (default: the file's name)
     description: DAPO's progressive table (Yu et al. 2025, Table 1) on the tiny task.
     base: configs/grpo/arith.yaml           # paths are relative to the working directory
     seeds: [0, 1, 2]
     steps:                                  # the step budget; trainer.max_steps is required
-      trainer.max_steps: 200
+      trainer.max_steps: 100
       trainer.val_check_interval: 10
     overrides:                              # for every run (CLI option names without "--")
       export_hf: false
     metrics:                                # each metric and which way is better
       val/exact_match: max
-      train/response_length/mean: min
+      train/truncation_rate: min
     budget:                                 # optional: a per-variant total from the runs' logs
       metric: train/response_length/mean    # one metric or a list (multiplied per logged step)
-      scale: 256                            # rows per rollout: mean length x rows = tokens
+      scale: 256                            # rows per rollout (32 prompts x 8): tokens per step
+      reduce: sum                           # sum (per-step counts) or last (a cumulative counter)
       label: generated tokens
     paper:                                  # optional: the paper's column beside one metric
       source: Yu et al. 2025, Table 1
@@ -29,12 +30,17 @@ own numbers::
       - name: naive_grpo
         paper: 30
       - name: overlong_filtering
-        deltas: [configs/ablations/dapo/overlong_filtering.yaml]
-        overrides: {model.init_args.beta: 0.0}
+        overrides: {model.init_args.overlong_filtering: true}
         paper: 36
         description: truncated completions carry no loss
+      - name: dr_grpo                       # delta files compose after the base, in order
+        deltas: [configs/ablations/grpo/dr_grpo.yaml]
 
-Every mistake is reported with the file and the field (``variants[1].deltas[0]``).
+Overrides come after the delta files, the step budget after the common overrides, and a
+variant's overrides last (a variant may change a common override, not the step budget).
+A ``sum`` budget counts only the steps that were logged: log every step
+(``trainer.log_every_n_steps: 1``, as the RL recipes do) or it undercounts. Every mistake is
+reported with the file and the field (``variants[1].deltas[0]``).
 """
 
 from __future__ import annotations
@@ -75,12 +81,14 @@ class Variant:
 @dataclass(frozen=True)
 class Budget:
     """A per-variant cost read from the runs' logs: at every step where all ``metrics`` were
-    logged, their product times ``scale``; summed over the run (e.g. mean response length x
-    rows per rollout = generated tokens)."""
+    logged, their product times ``scale``; summed over the run (``reduce="sum"``, e.g. mean
+    response length x rows per rollout = generated tokens) or its last value (``"last"``, for a
+    logged cumulative counter)."""
 
     metrics: tuple[str, ...]
     scale: float = 1.0
     label: str = "budget"
+    reduce: str = "sum"
 
 
 @dataclass(frozen=True)
@@ -257,7 +265,7 @@ def _seeds(check: _Checker, value) -> list[int]:
 
 
 def _budget(check: _Checker, value) -> Budget:
-    value = check.mapping(value, "budget", ("metric", "scale", "label"))
+    value = check.mapping(value, "budget", ("metric", "scale", "label", "reduce"))
     if "metric" not in value:
         check.fail("budget.metric", "missing: the logged metric(s) whose per-step product is summed")
     metrics = value["metric"] if isinstance(value["metric"], list) else [value["metric"]]
@@ -266,7 +274,10 @@ def _budget(check: _Checker, value) -> Budget:
     for i, m in enumerate(metrics):
         check.text(m, f"budget.metric[{i}]")
     scale = check.number(value.get("scale", 1.0), "budget.scale", positive=True)
-    return Budget(tuple(metrics), scale, check.text(value.get("label", "budget"), "budget.label"))
+    reduce = value.get("reduce", "sum")
+    if reduce not in ("sum", "last"):
+        check.fail("budget.reduce", f"expected sum (per-step counts) or last (a cumulative counter), got {reduce!r}")
+    return Budget(tuple(metrics), scale, check.text(value.get("label", "budget"), "budget.label"), reduce)
 
 
 def _paper(check: _Checker, value, metrics: dict[str, str]) -> Paper:
