@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lit_align.ablate import AblationError, from_flags, load_ablation, main, plan, todo
 from lit_align.ablate.curves import CurveStats, at_steps, budget_curve, read_curves
-from lit_align.ablate.report import mean_std
+from lit_align.ablate.report import collect, mean_std, summarize
 from lit_align.ablate.runs import FAILED, FINISHED, condense, option_args, slot_envs
 from lit_align.ablate.spec import Budget
 from tests.conftest import REPO
@@ -129,14 +129,25 @@ def test_bad_ablation_files_fail_naming_the_file_and_the_field(tmp_path, change,
 SHIPPED = sorted(glob.glob(os.path.join(REPO, "configs", "ablations", "*.yaml")))
 
 
-@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: os.path.relpath(p, REPO))
-def test_every_shipped_ablation_file_loads_and_plans(path, monkeypatch):
-    monkeypatch.chdir(REPO)  # shipped files name recipes relative to the repository root
-    ablation = load_ablation(os.path.relpath(path, REPO))
+def readme_example(tmp_path) -> str:
+    """The ablation file the README shows, written out as a file."""
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
+    block = text[text.index("```yaml", text.index("### Ablation sweeps")) + len("```yaml"):]
+    path = tmp_path / "readme_example.yaml"
+    path.write_text(block[: block.index("```")])
+    return str(path)
+
+
+@pytest.mark.parametrize("path", ["README.md", *SHIPPED], ids=lambda p: os.path.relpath(p, REPO))
+def test_the_readme_example_and_every_shipped_ablation_file_load_and_plan(path, tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO)  # ablation files name recipes relative to the repository root
+    ablation = load_ablation(readme_example(tmp_path) if path == "README.md" else os.path.relpath(path, REPO))
     runs = plan(ablation)
-    assert len(runs) == len(ablation.variants) * len(ablation.seeds)
-    names = [load_ablation(os.path.relpath(p, REPO)).name for p in SHIPPED]
-    assert names.count(ablation.name) == 1, f"two ablation files write logs/{ablation.name}/"
+    assert len(runs) == len(ablation.variants) * len(ablation.seeds) and ablation.steps["trainer.max_steps"] > 0
+    if path != "README.md":
+        others = [load_ablation(os.path.relpath(p, REPO)).name for p in SHIPPED if p != path]
+        assert ablation.name not in others, f"two ablation files write logs/{ablation.name}/"
 
 
 def test_missing_required_fields_and_missing_files(tmp_path):
@@ -214,6 +225,10 @@ def test_resume_decisions(tmp_path):
     assert any("seed 1: failed before (ValueError: x); skipped" in n for n in notes)
     assert any("seed 3: settings changed" in n for n in notes)
     assert [r.seed for r in todo(runs, rerun_failed=True)[0]] == [1, 2, 3, 4]
+    # the report counts only the finished, current run; the others keep their state
+    outcomes = collect(ablation, runs)
+    assert [o.status for o in outcomes] == [FINISHED, FAILED, "running", "stale", "not run"]
+    assert [len(s.finished) for s in summarize(ablation, outcomes)] == [1]
 
 
 def test_parallel_slots_split_the_cores_and_refuse_more_runs_than_cores():
