@@ -335,6 +335,11 @@ def test_tiny_sweep_report_matches_the_logs_lists_failures_and_resumes(tmp_path,
     main([*argv, "--rerun-failed"], echo=lambda *a: None)
     assert calls == ["tiny/crashy/seed1"] and (sweep / "crashy" / "seed1" / "version_1").is_dir()
     assert (sweep / "summary.csv").read_text() == before
+    # a moved logs folder still resumes: the runs are known by their settings, not their paths
+    os.rename(logs, tmp_path / "moved")
+    main(["--config", path, "--logs_dir", str(tmp_path / "moved"), "--checkpoints_dir", str(tmp_path / "ckpt")],
+         echo=lambda *a: None)
+    assert calls == ["tiny/crashy/seed1"] and (tmp_path / "moved" / "tiny" / "summary.csv").read_text() == before
 
 
 @pytest.mark.slow

@@ -34,7 +34,8 @@ def _plot(path: str, title: str, xlabel: str, ylabel: str, series: list[tuple[st
                                                                     list[float]]]) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for name, x, mean, low, high in series:
-        (line,) = ax.plot(x, mean, label=name, linewidth=1.6)
+        # markers for short curves, where a held-out metric logged once would otherwise not show
+        (line,) = ax.plot(x, mean, label=name, linewidth=1.6, marker="o" if len(x) <= 20 else None, markersize=3)
         if any(a != b for a, b in zip(low, high)):
             ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
     ax.set_title(title, fontsize=10)

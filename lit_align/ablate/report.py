@@ -53,8 +53,11 @@ def collect(ablation: Ablation, runs: list[Run]) -> list[Outcome]:
         if not run.is_current(record):
             out.append(Outcome(run.variant, run.seed, "stale", "settings changed since this run"))
             continue
+        log_dir = record.get("log_dir")
+        if log_dir and not os.path.isdir(log_dir):  # the logs folder moved: the version folder is under the run's
+            log_dir = os.path.join(run.dir, os.path.basename(log_dir))
         o = Outcome(run.variant, run.seed, record.get("status", "?"), record.get("error") or "",
-                    record.get("seconds", math.nan), record.get("log_dir"))
+                    record.get("seconds", math.nan), log_dir)
         if o.status == FINISHED:
             wanted = [*ablation.metrics, *(ablation.budget.metrics if ablation.budget else ())]
             logged = read_curves(o.log_dir) if o.log_dir and os.path.isdir(o.log_dir) else {}

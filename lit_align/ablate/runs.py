@@ -106,9 +106,10 @@ def plan(ablation: Ablation, logs_dir: str = "logs", checkpoints_dir: str = "che
         for seed in ablation.seeds:
             name = f"{ablation.name}/{variant.name}/seed{seed}"
             args = ["fit", *(a for f in files for a in ("--config", f)), *option_args(ablation.overrides),
-                    *option_args(ablation.steps), *option_args(variant.overrides), *seed_args(files, seed),
-                    "--name", name, "--logs_dir", logs_dir, "--checkpoints_dir", checkpoints_dir]
+                    *option_args(ablation.steps), *option_args(variant.overrides), *seed_args(files, seed)]
+            # what the run computes, not where it writes: a moved logs folder still resumes
             fingerprint = hashlib.sha256(json.dumps({"args": args, "files": digests}).encode()).hexdigest()[:16]
+            args += ["--name", name, "--logs_dir", logs_dir, "--checkpoints_dir", checkpoints_dir]
             runs.append(Run(variant.name, seed, args, os.path.join(logs_dir, name), fingerprint))
     return runs
 
