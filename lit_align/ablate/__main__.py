@@ -1,0 +1,5 @@
+import sys
+
+from lit_align.ablate.cli import entry
+
+sys.exit(entry())
