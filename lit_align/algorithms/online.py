@@ -9,9 +9,9 @@ import torch.distributed as dist
 from lit_align.algorithms.base import CausalLMModule
 from lit_align.algorithms.optim import OptimSpec
 from lit_align.losses import KL_ESTIMATORS
-from lit_align.models import CausalLMSpec, LoraSpec, disable_dropout, is_peft
+from lit_align.models import CausalLMSpec, LoraSpec, build_hf_config, disable_dropout, is_peft
 from lit_align.rewards import RewardSpec, Rewards
-from lit_align.rollout import RolloutBatch, SamplingParams, build_engine, chunked_logprobs
+from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, build_engine, chunked_logprobs
 
 
 #: The KL estimator when a KL term is on and none is named (GRPO's k3, Shao et al. 2024, eq. 4).
@@ -40,9 +40,11 @@ class OnlineRLModule(CausalLMModule):
             with adapters disabled).
         forward_batch_size: rows per forward/backward (training and scoring passes).
         engine: the rollout engine: a registered name (``hf``: HF ``generate`` on the training
-            model, :data:`~lit_align.rollout.ENGINES`) or an import path ``"package.module:Class"``
-            of a :class:`~lit_align.rollout.RolloutEngine` subclass, built as
-            ``Class(tokenizer, logprob_batch_size=forward_batch_size)``.
+            model, ``vllm``: a colocated vLLM engine, :data:`~lit_align.rollout.ENGINES`) or an import
+            path ``"package.module:Class"`` of a :class:`~lit_align.rollout.RolloutEngine` subclass,
+            or ``{name: ..., args: {...}}`` (:class:`~lit_align.rollout.EngineSpec`) with the
+            engine's settings; built as ``Class(tokenizer, logprob_batch_size=forward_batch_size, **args)``
+            and checked against the policy's config and the sampling settings here.
     """
 
     # held-out generation is the only validation: without it, checkpoints keep the last only
@@ -52,7 +54,7 @@ class OnlineRLModule(CausalLMModule):
                  sampling: SamplingParams | None, num_generations: int, beta: float, kl_estimator: str | None,
                  reference: CausalLMSpec | None, forward_batch_size: int, lora: LoraSpec | None,
                  eval_max_new_tokens: int, num_logged_samples: int, extra_rewards: list[RewardSpec] = (),
-                 engine: str = "hf"):
+                 engine: str | EngineSpec = "hf"):
         super().__init__(model, optim, eval_max_new_tokens, num_logged_samples, lora=lora)
         sampling = sampling or SamplingParams(temperature=1.0)
         kl_estimator = DEFAULT_KL_ESTIMATOR if kl_estimator is None else kl_estimator
@@ -73,6 +75,7 @@ class OnlineRLModule(CausalLMModule):
         self.rewards = Rewards(list(rewards) + list(extra_rewards))
         try:
             self.engine = build_engine(engine, self.tokenizer, logprob_batch_size=forward_batch_size)
+            self.engine.check(build_hf_config(model, self.tokenizer), sampling)
         except (ValueError, TypeError) as e:  # TypeError: a class whose constructor does not fit
             raise ValueError(f"{type(self).__name__}.engine: {e}") from e
         self.forward_batch_size = forward_batch_size
@@ -143,7 +146,7 @@ class OnlineRLModule(CausalLMModule):
         """``num_generations`` scored completions per prompt: ``(rollout, total [N], each reward)``."""
         s = self.sampling
         sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                  top_k=s.top_k, n=self.num_generations)
+                                  top_k=s.top_k, n=self.num_generations, stop_token_ids=s.stop_token_ids)
         self.engine.update_weights(self.model)
         rollout = self.engine.generate(self.model, prompts, sampling)
         total, parts = self.score(rollout)

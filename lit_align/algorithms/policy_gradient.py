@@ -14,7 +14,7 @@ from lit_align.algorithms.optim import OptimSpec, build_optimizer
 from lit_align.losses import ADVANTAGE_SCALES, AGG_MODES, IS_LEVELS, aggregate_loss, group_advantages, kl_penalty, policy_loss
 from lit_align.models import CausalLMSpec, LoraSpec
 from lit_align.rewards import RewardSpec
-from lit_align.rollout import RolloutBatch, SamplingParams, chunked_logprobs, completion_logprobs
+from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, chunked_logprobs, completion_logprobs
 
 
 #: Sampling rounds per step under dynamic sampling when ``max_generation_rounds`` is unset.
@@ -85,7 +85,7 @@ class PolicyGradient(OnlineRLModule):
                  kl_in_reward: bool = False, reference: CausalLMSpec | None = None, num_iterations: int = 1,
                  mini_batches: int = 1, forward_batch_size: int = 32, dynamic_sampling: bool = False,
                  max_generation_rounds: int | None = None, overlong_filtering: bool = False, overlong_buffer: int = 0,
-                 overlong_penalty_factor: float | None = None, engine: str = "hf", lora: LoraSpec | None = None,
+                 overlong_penalty_factor: float | None = None, engine: str | EngineSpec = "hf", lora: LoraSpec | None = None,
                  eval_max_new_tokens: int = 32, num_logged_samples: int = 4):
         sampling = sampling or SamplingParams(temperature=1.0)
         # settings that would be silently ignored fail first, before anything is built from them

@@ -14,7 +14,7 @@ from lit_align.algorithms.optim import OptimSpec, build_optimizer
 from lit_align.losses import gae, kl_penalty, kl_shaped_rewards, masked_whiten, policy_loss, value_loss
 from lit_align.models import CausalLMSpec, LoraSpec, build_reward_model, disable_dropout, token_scores
 from lit_align.rewards import RewardSpec
-from lit_align.rollout import RolloutBatch, SamplingParams, completion_logprobs
+from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, completion_logprobs
 
 
 @dataclass
@@ -110,7 +110,7 @@ class PPO(OnlineRLModule):
                  whiten_advantages: bool = True, clip_range: float = 0.2, clip_range_value: float | None = 0.2,
                  vf_coef: float = 0.1, entropy_coef: float = 0.0, ppo_epochs: int = 4, mini_batches: int = 1,
                  forward_batch_size: int = 32, reference: CausalLMSpec | None = None, lora: LoraSpec | None = None,
-                 eval_max_new_tokens: int = 32, num_logged_samples: int = 4, engine: str = "hf"):
+                 eval_max_new_tokens: int = 32, num_logged_samples: int = 4, engine: str | EngineSpec = "hf"):
         super().__init__(model, optim, rewards, sampling, num_generations, beta, kl_estimator, reference,
                          forward_batch_size, lora, eval_max_new_tokens, num_logged_samples, engine=engine)
         self.check_settings([

@@ -1,11 +1,11 @@
 """Generation engines behind one interface: ``engine.generate(model, prompts, sampling) -> RolloutBatch``
 (:class:`RolloutEngine`), chosen by name from :data:`ENGINES` or by import path."""
 
-from lit_align.rollout.base import ENGINES, RolloutEngine, SamplingParams, build_engine, register_engine, resolve_engine
+from lit_align.rollout.base import ENGINES, EngineSpec, RolloutEngine, SamplingParams, build_engine, register_engine, resolve_engine
 from lit_align.rollout.batch import RolloutBatch
 from lit_align.rollout.hf import (HFEngine, chunked_logprobs, completion_logprobs, completion_masks,
                                   decode_completions, hf_generate)
 
-__all__ = ["ENGINES", "HFEngine", "RolloutBatch", "RolloutEngine", "SamplingParams", "build_engine",
+__all__ = ["ENGINES", "EngineSpec", "HFEngine", "RolloutBatch", "RolloutEngine", "SamplingParams", "build_engine",
            "chunked_logprobs", "completion_logprobs", "completion_masks", "decode_completions", "hf_generate",
            "register_engine", "resolve_engine"]

@@ -24,7 +24,9 @@ class RolloutBatch:
         completion_ids ``[N, C]`` right-padded (pad after EOS), completion_mask ``[N, C]``
         (1 on sampled tokens, EOS included); logprobs ``[N, C]`` float32 log-probs of the sampled
         tokens under ``softmax(logits / temperature)`` of the sampling policy (0 off the mask);
-        truncated ``[N]`` bool (no EOS within ``max_new_tokens``).
+        truncated ``[N]`` bool (no stop id within ``max_new_tokens``); sampler_logprobs ``[N, C]``
+        float32 or ``None``: the sampler's own log-probs of the sampled tokens (0 off the mask), as
+        the engine computed them while sampling, to measure its gap to ``logprobs``.
     Lists of length ``N``: prompts and completions (text, completion up to its EOS) and meta
     (the prompt row's metadata). ``group_size`` is the number of samples per prompt.
     """
@@ -39,6 +41,7 @@ class RolloutBatch:
     completions: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
     group_size: int = 1
+    sampler_logprobs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -85,8 +88,9 @@ class RolloutBatch:
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         for name in ("prompt_ids", "prompt_mask"):
             out[name] = out[name][:, p0:]
-        for name in ("completion_ids", "completion_mask", "logprobs"):
-            out[name] = out[name][:, :c1]
+        for name in ("completion_ids", "completion_mask", "logprobs", "sampler_logprobs"):
+            if out[name] is not None:
+                out[name] = out[name][:, :c1]
         return RolloutBatch(**out)
 
     @staticmethod
@@ -100,11 +104,15 @@ class RolloutBatch:
         p = max(b.prompt_ids.shape[1] for b in batches)
         c = max(b.completion_ids.shape[1] for b in batches)
         pads = {"prompt_ids": (p, pad_id, True), "prompt_mask": (p, 0, True), "completion_ids": (c, pad_id, False),
-                "completion_mask": (c, 0, False), "logprobs": (c, 0.0, False)}
+                "completion_mask": (c, 0, False), "logprobs": (c, 0.0, False), "sampler_logprobs": (c, 0.0, False)}
         out = {}
         for f in fields(RolloutBatch):
             values = [getattr(b, f.name) for b in batches]
-            if f.name in pads:
+            if f.name == "sampler_logprobs" and any(v is None for v in values):
+                if not all(v is None for v in values):
+                    raise ValueError("RolloutBatch.cat: some batches carry sampler_logprobs and some do not")
+                out[f.name] = None
+            elif f.name in pads:
                 width, value, left = pads[f.name]
                 out[f.name] = torch.cat([_pad_to(v, width, value, left) for v in values])
             elif f.name == "truncated":
