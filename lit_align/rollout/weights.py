@@ -61,7 +61,7 @@ def _merged_lora(module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
         yield prefix + "bias", _full(base.bias)
 
 
-def _walk(module: torch.nn.Module, prefix: str, seen: set, lora) -> Iterator[tuple[str, torch.Tensor]]:
+def _walk(module: torch.nn.Module, prefix: str, lora) -> Iterator[tuple[str, torch.Tensor]]:
     if lora is not None:
         lora_linear, lora_layer, to_save = lora
         if isinstance(module, lora_linear):
@@ -73,14 +73,12 @@ def _walk(module: torch.nn.Module, prefix: str, seen: set, lora) -> Iterator[tup
         if isinstance(module, to_save):
             active = _active(module.active_adapters) if not module.disable_adapters else []
             inner = module.modules_to_save[active[0]] if active else module.original_module
-            yield from _walk(inner, prefix, seen, lora)
+            yield from _walk(inner, prefix, lora)
             return
     for name, param in module.named_parameters(recurse=False):
-        if id(param) not in seen:  # tied weights (input embeddings = LM head) go once
-            seen.add(id(param))
-            yield prefix + name, _full(param)
+        yield prefix + name, _full(param)
     for name, child in module.named_children():
-        yield from _walk(child, f"{prefix}{name}.", seen, lora)
+        yield from _walk(child, f"{prefix}{name}.", lora)
 
 
 def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
@@ -92,7 +90,9 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     iterates the whole generator in step. A peft policy yields its merged weights (base +
     active adapters; ``modules_to_save`` copies in place of the originals) under the base
     model's names; the policy itself is not changed. Buffers are not included (an inference
-    engine computes its own rotary tables and masks); tied parameters come once.
+    engine computes its own rotary tables and masks). A tied parameter comes under each of its
+    names, as in a state dict (input embeddings and LM head): vLLM's in-place reload of a tied
+    model leaves its weights unchanged without the LM head's entry.
 
     Raises ``ValueError`` for FSDP (v1) and DeepSpeed ZeRO-3 parameters, and for adapters other
     than LoRA on linear layers."""
@@ -102,4 +102,4 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
         lora = _lora_classes()
         model = model.base_model.model
     with torch.no_grad():
-        yield from _walk(model, "", set(), lora)
+        yield from _walk(model, "", lora)
