@@ -126,3 +126,13 @@ def sample_rollout(module, prompts: int = 4, n: int = 4, seed: int = 0):
     batch = dm.collate([[r] for r in dm.encoded["train"][:prompts]])
     torch.manual_seed(seed)
     return module.engine.generate(module.model, batch, SamplingParams(max_new_tokens=4, temperature=1.0, n=n))
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory) -> dict[str, str]:
+    """``{name: directory}`` of the real-format checkpoint zoo (:mod:`tests.zoo`): ``qwen2_instruct``,
+    ``qwen2_base``, ``llama3_instruct``, ``gpt2``, ``moe`` and ``qwen2_instruct_rep13`` (the
+    weights of ``qwen2_instruct`` with ``repetition_penalty`` 1.3), built once per test run."""
+    from tests.zoo import build_zoo
+
+    return build_zoo(tmp_path_factory.mktemp("zoo"))

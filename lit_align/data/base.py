@@ -150,7 +150,8 @@ class TextDataModule(L.LightningDataModule):
             module = self.trainer.lightning_module if self.trainer is not None else None
             self.tokenizer = getattr(module, "tokenizer", None)
             if self.tokenizer is None:
-                raise ValueError(f"{type(self).__name__} needs a tokenizer: from the model at setup, or set `.tokenizer`")
+                raise ValueError(f"{type(self).__name__} needs a tokenizer: from the model at setup, "
+                                 "or set `.tokenizer`")
         if self.encoded:
             return
         splits, sources = self._raw_splits()
@@ -176,7 +177,8 @@ class TextDataModule(L.LightningDataModule):
                     where = row.get("where")
                     if isinstance(where, Where):
                         raise where(self.group_key, problem)
-                    raise DataError(f"{role} row {i} (position after dropped rows), field {self.group_key!r}: {problem}")
+                    raise DataError(f"{role} row {i} (position after dropped rows), field {self.group_key!r}: "
+                                    f"{problem}")
                 values.add(str(row["meta"][self.group_key]))
         return sorted(values)
 

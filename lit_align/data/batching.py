@@ -123,8 +123,9 @@ class PlannedBatches(IterableDataset):
     """
 
     def __init__(self, rows: Sequence[dict], items: list[list[int]], collate: Callable[[list[list[dict]]], dict],
-                 micro_batch_size: int, *, shuffle: bool, group_by_length: bool, seed: int = 0, drop_last: bool = False,
-                 accumulate: int = 1, world_size: int = 1, rank: int = 0, with_generation: bool = False, pad_id: int = 0):
+                 micro_batch_size: int, *, shuffle: bool, group_by_length: bool, seed: int = 0,
+                 drop_last: bool = False, accumulate: int = 1, world_size: int = 1, rank: int = 0,
+                 with_generation: bool = False, pad_id: int = 0):
         self.rows, self.items, self.collate = rows, items, collate
         self.lengths = [sum(rows[i]["length"] for i in item) for item in items]
         self.labels = [sum(rows[i]["num_labels"] for i in item) for item in items]

@@ -47,6 +47,16 @@ def tokenize_segments(segments: list[Segment], tokenizer) -> tuple[list[int], li
     return ids, labels, last_start
 
 
+def reference_text(segments: list[Segment], tokenizer) -> str:
+    """The exact-match target of an example: the last trained segment's text without the EOS
+    it may end with (the text a generation that stops at EOS should equal), stripped."""
+    text = next(seg.text for seg in reversed(segments) if seg.train)
+    eos = tokenizer.eos_token
+    if eos and text.rstrip().endswith(eos):
+        text = text.rstrip()[: -len(eos)]
+    return text.strip()
+
+
 def encode_segments(segments: list[Segment], tokenizer, max_length: int, truncation: str = "prompt",
                     reference: str | None = None) -> dict[str, Any]:
     """Token ids and labels for one example.
@@ -82,15 +92,11 @@ def encode_segments(segments: list[Segment], tokenizer, max_length: int, truncat
     labels[0] = IGNORE_INDEX
     if all(label == IGNORE_INDEX for label in labels):
         raise Dropped("nothing left to learn after truncation")
-    if reference is None:
-        reference = next(seg.text for seg in reversed(segments) if seg.train)
-        if tokenizer.eos_token and reference.rstrip().endswith(tokenizer.eos_token):
-            reference = reference.rstrip()[: -len(tokenizer.eos_token)]
     return {
         "input_ids": ids,
         "labels": labels,
         "prompt_ids": ids[:prompt_len],
-        "reference": reference.strip(),
+        "reference": reference_text(segments, tokenizer) if reference is None else reference.strip(),
         "num_labels": sum(label != IGNORE_INDEX for label in labels),
         "length": len(ids),
         "truncated": tuple(truncated),

@@ -50,6 +50,29 @@ class Where:
         return DataError(f"{self.source} [{self.split}] row {self.row}, field {field!r}: {problem}")
 
 
+def renamed_columns(columns: Mapping[str, str] | None, defaults: Mapping[str, str]) -> dict[str, str]:
+    """The column names a data module reads: ``defaults`` (standard name -> column) with the
+    user's renames applied; a rename of a name the module does not read is refused."""
+    unknown = set(columns or {}) - set(defaults)
+    if unknown:
+        raise ValueError(f"data.columns: unknown keys {sorted(unknown)} (known: {sorted(defaults)})")
+    return {**defaults, **(columns or {})}
+
+
+def lookup(row: Any, key: str, default: Any = None) -> Any:
+    """``row[key]``, or for a dotted key such as ``reward_model.ground_truth`` (verl's nesting)
+    the nested value; ``default`` when a level is missing or not a mapping. A key literally
+    named ``key`` wins over the dotted walk."""
+    if isinstance(row, Mapping) and key in row:
+        return row[key]
+    value = row
+    for part in key.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            return default
+        value = value[part]
+    return value
+
+
 def detect_format(columns: list[str], names: Mapping[str, str]) -> str:
     """The format implied by the dataset's columns."""
     if names["messages"] in columns:
@@ -94,7 +117,8 @@ def normalize_messages(messages: Any, field: str, where: Where, role_key: str = 
         role = turn[role_key]
         role = role_map.get(role, role) if role_map else role
         if role not in ROLES:
-            raise where(f"{field}[{i}].{role_key}", f"unknown role {turn[role_key]!r} (allowed: {', '.join(role_map or ROLES)})")
+            raise where(f"{field}[{i}].{role_key}",
+                        f"unknown role {turn[role_key]!r} (allowed: {', '.join(role_map or ROLES)})")
         content = turn[content_key]
         if not isinstance(content, str):
             raise where(f"{field}[{i}].{content_key}", f"expected a string, got {type(content).__name__}")

@@ -7,7 +7,7 @@ from typing import Any
 from lit_align.data.base import TextDataModule
 from lit_align.data.batching import collate_packed, collate_rows, pack_rows
 from lit_align.data.encode import encode_segments
-from lit_align.data.formats import DEFAULT_COLUMNS, FORMATS, Where, detect_format, row_to_segments
+from lit_align.data.formats import DEFAULT_COLUMNS, FORMATS, Where, detect_format, renamed_columns, row_to_segments
 from lit_align.data.tasks import ArithTask, ShapesTextTask
 
 
@@ -62,11 +62,8 @@ class InstructionDataModule(TextDataModule):
         if format == "alpaca" and system_prompt:
             raise ValueError("data: system_prompt needs chat-templated rows; format 'alpaca' uses the fixed Alpaca"
                              " prompt as written (convert the rows to messages, or unset system_prompt)")
-        unknown = set(columns or {}) - set(DEFAULT_COLUMNS)
-        if unknown:
-            raise ValueError(f"data.columns: unknown keys {sorted(unknown)} (known: {sorted(DEFAULT_COLUMNS)})")
+        self.columns = renamed_columns(columns, DEFAULT_COLUMNS)
         self.save_hyperparameters(ignore=["task"])
-        self.columns = {**DEFAULT_COLUMNS, **(columns or {})}
 
     def row_format(self, columns: list[str]) -> str:
         return self.hparams.format if self.hparams.format != "auto" else detect_format(columns, self.columns)

@@ -9,8 +9,9 @@ import torch
 
 from lit_align.data.base import TextDataModule
 from lit_align.data.batching import pad
-from lit_align.data.encode import IGNORE_INDEX, Dropped, tokenize_segments
-from lit_align.data.formats import DataError, Segment, Where, _with_system, normalize_messages, render_messages
+from lit_align.data.encode import IGNORE_INDEX, Dropped, reference_text, tokenize_segments
+from lit_align.data.formats import (SHAREGPT_ROLES, DataError, Segment, Where, _with_system, normalize_messages,
+                                    render_messages, renamed_columns)
 from lit_align.data.tasks import ArithTask
 
 PREFERENCE_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "margin": "margin"}
@@ -49,7 +50,8 @@ def encode_pair(prompt: list[Segment], chosen: list[Segment], rejected: list[Seg
     ``where`` they are plain :class:`ValueError`.
     """
     p_ids, _, _ = tokenize_segments(prompt, tokenizer)
-    sides = {name: tokenize_segments(prompt + segs, tokenizer)[:2] for name, segs in (("chosen", chosen), ("rejected", rejected))}
+    sides = {name: tokenize_segments(prompt + segs, tokenizer)[:2]
+             for name, segs in (("chosen", chosen), ("rejected", rejected))}
     for field, (ids, _) in zip(fields, sides.values()):
         if ids[: len(p_ids)] != p_ids:
             problem = ("the prompt tokenizes differently before this response than alone (a tokenizer that samples"
@@ -72,10 +74,7 @@ def encode_pair(prompt: list[Segment], chosen: list[Segment], rejected: list[Seg
         if n == 0:
             raise Dropped("nothing left to learn after truncation")
         out[name] = {"input_ids": ids, "labels": labels, "num_labels": n}
-    text = next(s.text for s in reversed(chosen) if s.train)
-    if tokenizer.eos_token and text.rstrip().endswith(tokenizer.eos_token):
-        text = text.rstrip()[: -len(tokenizer.eos_token)]
-    out.update(prompt_ids=p_ids[cut:], reference=text.strip(),
+    out.update(prompt_ids=p_ids[cut:], reference=reference_text(chosen, tokenizer),
                length=max(len(out["chosen"]["input_ids"]), len(out["rejected"]["input_ids"])),
                num_labels=out["chosen"]["num_labels"] + out["rejected"]["num_labels"], truncated=tuple(truncated))
     return out
@@ -97,14 +96,14 @@ def collate_pairs(rows: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     }
     with_margin = sum("margin" in r for r in rows)
     if 0 < with_margin < len(rows):
-        raise ValueError(f"collate_pairs: {with_margin} of {len(rows)} pairs have a margin; give every pair one or none")
+        raise ValueError(f"collate_pairs: {with_margin} of {len(rows)} pairs have a margin; "
+                         "give every pair one or none")
     if with_margin:
         batch["margin"] = torch.tensor([float(r["margin"]) for r in rows])
     if all("ref_chosen" in r for r in rows):
         batch["ref_chosen"] = torch.tensor([r["ref_chosen"] for r in rows])
         batch["ref_rejected"] = torch.tensor([r["ref_rejected"] for r in rows])
     return batch
-
 
 
 def pair_segments(prompt, response, tokenizer, system_prompt: str | None, field: str, where: Where
@@ -128,6 +127,117 @@ def pair_segments(prompt, response, tokenizer, system_prompt: str | None, field:
     return segs[:first], segs[first:]
 
 
+class PairRows:
+    """One preference row into a tokenized pair, for :class:`PreferenceDataModule` and the image
+    preference pairs alike: read the prompt and the two responses (``explicit``: a prompt column;
+    ``implicit``: the shared prefix of two conversations), drop a pair with nothing to prefer,
+    render both sides (:func:`pair_segments`), tokenize them over the same prompt tokens
+    (:func:`encode_pair`) and read the optional margin.
+
+    Args:
+        columns: standard name (``prompt``, ``chosen``, ``rejected``, ``margin``) -> column.
+        system_prompt: a system turn added to conversational pairs (see :func:`pair_segments`).
+        sharegpt_turns: also read turns written ``from``/``value`` (ShareGPT, as LLaVA data is).
+    """
+
+    def __init__(self, columns: dict[str, str], system_prompt: str | None = None, sharegpt_turns: bool = False):
+        self.columns, self.system_prompt, self.sharegpt_turns = columns, system_prompt, sharegpt_turns
+
+    def missing(self, fmt: str, columns: list[str]) -> list[str]:
+        """The columns format ``fmt`` (``explicit`` / ``implicit``) reads that ``columns`` lacks."""
+        need = ("prompt", "chosen", "rejected") if fmt == "explicit" else ("chosen", "rejected")
+        return [self.columns[k] for k in need if self.columns[k] not in columns]
+
+    def used_columns(self) -> set[str]:
+        return set(self.columns.values())
+
+    def turns(self, value: list, field: str, where: Where, require_assistant: bool = True) -> list[dict]:
+        if self.sharegpt_turns and value and isinstance(value[0], dict) and "from" in value[0]:
+            return normalize_messages(value, field, where, role_key="from", content_key="value",
+                                      role_map=SHAREGPT_ROLES, require_assistant=require_assistant)
+        return normalize_messages(value, field, where, require_assistant=require_assistant)
+
+    def response(self, value: Any, field: str, where: Where) -> str | list[dict]:
+        if isinstance(value, list):
+            return self.turns(value, field, where)
+        if not isinstance(value, str) or not value.strip():
+            raise where(field, f"expected a non-empty string or a list of turns, got {value!r:.60}")
+        return value
+
+    def explicit(self, row: dict, where: Where) -> tuple[Any, Any, Any]:
+        """``(prompt, chosen, rejected)`` of a row with a prompt column."""
+        p_name, c_name, r_name = self.columns["prompt"], self.columns["chosen"], self.columns["rejected"]
+        prompt = row.get(p_name)
+        if isinstance(prompt, list):
+            prompt = self.turns(prompt, p_name, where, require_assistant=False)
+        elif not isinstance(prompt, str):
+            raise where(p_name, f"expected a string or a list of turns, got {prompt!r:.60}")
+        return prompt, self.response(row.get(c_name), c_name, where), self.response(row.get(r_name), r_name, where)
+
+    def implicit(self, row: dict, where: Where) -> tuple[Any, Any, Any]:
+        """``(prompt, chosen, rejected)`` of two whole conversations: the prompt is their shared
+        prefix (of text, moved back to a word start, or of turns)."""
+        c_name, r_name = self.columns["chosen"], self.columns["rejected"]
+        chosen, rejected = row.get(c_name), row.get(r_name)
+        if isinstance(chosen, str) and isinstance(rejected, str):
+            if chosen == rejected:
+                raise Dropped("identical responses")
+            n = split_common_prefix(chosen, rejected)
+            if n == 0:
+                raise where(c_name, "chosen and rejected share no prompt prefix (implicit prompt format)")
+            return chosen[:n], self.response(chosen[n:], c_name, where), self.response(rejected[n:], r_name, where)
+        if isinstance(chosen, list) and isinstance(rejected, list):
+            c = self.turns(chosen, c_name, where)
+            r = self.turns(rejected, r_name, where)
+            n = 0
+            while n < min(len(c), len(r)) and c[n] == r[n]:
+                n += 1
+            if n == 0:
+                raise where(c_name, "chosen and rejected share no prompt turns (implicit prompt format)")
+            for msgs, name in ((c, c_name), (r, r_name)):
+                if n == len(msgs) and len(c) != len(r):
+                    raise where(name, "ends where the other conversation's response begins: no response to compare")
+                if n < len(msgs) and msgs[n]["role"] != "assistant":
+                    raise where(f"{name}[{n}]",
+                                f"the conversations diverge at a {msgs[n]['role']!r} turn; expected the assistant's")
+            return c[:n], c[n:], r[n:]
+        raise where(c_name, "chosen and rejected must both be strings or both be lists of turns")
+
+    def margin(self, row: dict, where: Where) -> float | None:
+        """The row's finite margin, ``None`` without a margin column."""
+        m_name = self.columns["margin"]
+        margin = row.get(m_name)
+        if margin is None and m_name in row:  # a null among numbers: the column is there, this row lacks one
+            raise where(m_name, "no margin (null); the margin column needs a number on every row")
+        if margin is None:
+            return None
+        try:
+            value = float(margin)
+        except (TypeError, ValueError):
+            raise where(m_name, f"expected a number, got {margin!r:.40}") from None
+        if not math.isfinite(value):
+            raise where(m_name, f"expected a finite number, got {margin!r}")
+        return value
+
+    def encode(self, row: dict, fmt: str, where: Where, tokenizer, max_length: int, truncation: str) -> dict:
+        """The encoded pair (:func:`encode_pair`'s keys, plus ``margin`` when the row has one);
+        raises :class:`Dropped` for identical responses or a pair too long to keep."""
+        c_name, r_name = self.columns["chosen"], self.columns["rejected"]
+        prompt, chosen, rejected = self.explicit(row, where) if fmt == "explicit" else self.implicit(row, where)
+        if chosen == rejected:
+            raise Dropped("identical responses")
+        p_c, chosen_segs = pair_segments(prompt, chosen, tokenizer, self.system_prompt, c_name, where)
+        p_r, rejected_segs = pair_segments(prompt, rejected, tokenizer, self.system_prompt, r_name, where)
+        if [s.text for s in p_c] != [s.text for s in p_r]:
+            raise where(r_name, "the chat template renders the shared prompt differently for chosen and rejected")
+        out = encode_pair(p_c, chosen_segs, rejected_segs, tokenizer, max_length, truncation,
+                          where=where, fields=(c_name, r_name))
+        margin = self.margin(row, where)
+        if margin is not None:
+            out["margin"] = margin
+        return out
+
+
 class PreferenceDataModule(TextDataModule):
     """Preference pairs for :class:`~lit_align.RewardModel` and :class:`~lit_align.DPO`.
 
@@ -148,7 +258,8 @@ class PreferenceDataModule(TextDataModule):
 
     A ``margin`` column (float) is passed to the loss per pair; when the column exists every
     row needs a number (a null margin is a located error). Pairs whose two responses
-    are identical carry no preference and are dropped (counted).
+    are identical carry no preference and are dropped (counted). Rows are read and encoded by
+    :class:`PairRows`.
     """
 
     row_kind = "preference"
@@ -166,96 +277,26 @@ class PreferenceDataModule(TextDataModule):
                          max_eval_rows=max_eval_rows, num_workers=num_workers, seed=seed)
         if format not in PREFERENCE_FORMATS:
             raise ValueError(f"data.format: {format!r} is not one of {PREFERENCE_FORMATS}")
-        unknown = set(columns or {}) - set(PREFERENCE_COLUMNS)
-        if unknown:
-            raise ValueError(f"data.columns: unknown keys {sorted(unknown)} (known: {sorted(PREFERENCE_COLUMNS)})")
+        self.columns = renamed_columns(columns, PREFERENCE_COLUMNS)
         self.save_hyperparameters(ignore=["task"])
-        self.columns = {**PREFERENCE_COLUMNS, **(columns or {})}
+        self.pairs = PairRows(self.columns, system_prompt)
 
     def row_format(self, columns: list[str]) -> str:
         fmt = self.hparams.format
         if fmt == "auto":
             fmt = "explicit" if self.columns["prompt"] in columns else "implicit"
-        need = [self.columns[k] for k in (("prompt", "chosen", "rejected") if fmt == "explicit" else ("chosen", "rejected"))]
-        missing = [c for c in need if c not in columns]
+        missing = self.pairs.missing(fmt, columns)
         if missing:
             raise DataError(f"preference data ({fmt} prompt) needs columns {missing}; found {columns}"
                             " (map yours with `columns`)")
         return fmt
 
     def used_columns(self) -> set[str]:
-        return set(self.columns.values())
-
-    # -- rows -------------------------------------------------------------------
-    def _response(self, value: Any, field: str, where: Where) -> str | list[dict]:
-        if isinstance(value, list):
-            return normalize_messages(value, field, where)
-        if not isinstance(value, str) or not value.strip():
-            raise where(field, f"expected a non-empty string or a list of turns, got {value!r:.60}")
-        return value
-
-    def _split_implicit(self, row: dict, where: Where):
-        c_name, r_name = self.columns["chosen"], self.columns["rejected"]
-        chosen, rejected = row.get(c_name), row.get(r_name)
-        if isinstance(chosen, str) and isinstance(rejected, str):
-            if chosen == rejected:
-                raise Dropped("identical responses")
-            n = split_common_prefix(chosen, rejected)
-            if n == 0:
-                raise where(c_name, "chosen and rejected share no prompt prefix (implicit prompt format)")
-            return chosen[:n], self._response(chosen[n:], c_name, where), self._response(rejected[n:], r_name, where)
-        if isinstance(chosen, list) and isinstance(rejected, list):
-            c = normalize_messages(chosen, c_name, where)
-            r = normalize_messages(rejected, r_name, where)
-            n = 0
-            while n < min(len(c), len(r)) and c[n] == r[n]:
-                n += 1
-            if n == 0:
-                raise where(c_name, "chosen and rejected share no prompt turns (implicit prompt format)")
-            for msgs, name in ((c, c_name), (r, r_name)):
-                if n == len(msgs) and len(c) != len(r):
-                    raise where(name, "ends where the other conversation's response begins: no response to compare")
-                if n < len(msgs) and msgs[n]["role"] != "assistant":
-                    raise where(f"{name}[{n}]", f"the conversations diverge at a {msgs[n]['role']!r} turn; expected the assistant's")
-            return c[:n], c[n:], r[n:]
-        raise where(c_name, "chosen and rejected must both be strings or both be lists of turns")
-
-    def _segments(self, prompt, response, field: str, where: Where) -> tuple[list[Segment], list[Segment]]:
-        return pair_segments(prompt, response, self.tokenizer, self.hparams.system_prompt, field, where)
+        return self.pairs.used_columns()
 
     def encode_row(self, row: dict, fmt: str, where: Where) -> dict:
         h = self.hparams
-        c_name, r_name = self.columns["chosen"], self.columns["rejected"]
-        if fmt == "explicit":
-            prompt = row.get(self.columns["prompt"])
-            if isinstance(prompt, list):
-                prompt = normalize_messages(prompt, self.columns["prompt"], where, require_assistant=False)
-            elif not isinstance(prompt, str):
-                raise where(self.columns["prompt"], f"expected a string or a list of turns, got {prompt!r:.60}")
-            chosen = self._response(row.get(c_name), c_name, where)
-            rejected = self._response(row.get(r_name), r_name, where)
-        else:
-            prompt, chosen, rejected = self._split_implicit(row, where)
-        if chosen == rejected:
-            raise Dropped("identical responses")
-        p_c, chosen_segs = self._segments(prompt, chosen, c_name, where)
-        p_r, rejected_segs = self._segments(prompt, rejected, r_name, where)
-        if [s.text for s in p_c] != [s.text for s in p_r]:
-            raise where(r_name, "the chat template renders the shared prompt differently for chosen and rejected")
-        out = encode_pair(p_c, chosen_segs, rejected_segs, self.tokenizer, h.max_length, h.truncation,
-                          where=where, fields=(c_name, r_name))
-        m_name = self.columns["margin"]
-        margin = row.get(m_name)
-        if margin is None and m_name in row:  # a null among numbers: the column is there, this row lacks one
-            raise where(m_name, "no margin (null); the margin column needs a number on every row")
-        if margin is not None:
-            try:
-                out["margin"] = float(margin)
-            except (TypeError, ValueError):
-                raise where(self.columns["margin"], f"expected a number, got {margin!r:.40}") from None
-            if not math.isfinite(out["margin"]):
-                raise where(self.columns["margin"], f"expected a finite number, got {margin!r}")
-        return out
+        return self.pairs.encode(row, fmt, where, self.tokenizer, h.max_length, h.truncation)
 
     def group_by_length(self) -> bool:
         return self.hparams.group_by_length

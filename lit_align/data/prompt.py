@@ -11,7 +11,7 @@ from jinja2.exceptions import TemplateError
 from lit_align.data.base import SCALARS, TextDataModule
 from lit_align.data.batching import collate_generation
 from lit_align.data.encode import Dropped, _adds_bos, tokenize_segments
-from lit_align.data.formats import DataError, Segment, Where, _with_system, normalize_messages
+from lit_align.data.formats import DataError, Segment, Where, _with_system, lookup, normalize_messages, renamed_columns
 from lit_align.data.sources import ROW_COLUMN
 from lit_align.data.tasks import ArithTask
 
@@ -29,19 +29,6 @@ def json_like(value: Any) -> bool:
     if isinstance(value, list):
         return all(json_like(v) for v in value)
     return False
-
-
-def lookup(row: Mapping[str, Any], key: str) -> Any:
-    """``row[key]``, or for a dotted key such as ``reward_model.ground_truth`` the nested
-    value (``None`` when any level is missing). A column literally named ``key`` wins."""
-    if key in row:
-        return row[key]
-    value: Any = row
-    for part in key.split("."):
-        if not isinstance(value, Mapping):
-            return None
-        value = value.get(part)
-    return value
 
 
 class PromptDataModule(TextDataModule):
@@ -104,9 +91,6 @@ class PromptDataModule(TextDataModule):
                          max_eval_rows=max_eval_rows, num_workers=num_workers, seed=seed)
         if format not in PROMPT_FORMATS:
             raise ValueError(f"data.format: {format!r} is not one of {PROMPT_FORMATS}")
-        unknown = set(columns or {}) - set(PROMPT_COLUMNS)
-        if unknown:
-            raise ValueError(f"data.columns: unknown keys {sorted(unknown)} (known: {sorted(PROMPT_COLUMNS)})")
         if answer_key is not None and not answer_key:
             raise ValueError("data.answer_key: give a column name, or null for no reference answer")
         if format == "messages" and chat_template is False:
@@ -114,8 +98,8 @@ class PromptDataModule(TextDataModule):
         if format == "string" and system_prompt and not chat_template:
             raise ValueError("data: system_prompt needs chat-templated prompts; format 'string' uses prompts as"
                              " written (set chat_template: true to wrap them as a user turn)")
+        self.columns = renamed_columns(columns, PROMPT_COLUMNS)
         self.save_hyperparameters(ignore=["task"])
-        self.columns = {**PROMPT_COLUMNS, **(columns or {})}
         self._split_format: str | None = None
 
     # -- splits ---------------------------------------------------------------

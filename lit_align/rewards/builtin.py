@@ -7,28 +7,15 @@ them, and returns ``fn(prompts, completions, meta, **context) -> list[float]``.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import torch
 
+from lit_align.data.formats import lookup
 from lit_align.data.tasks import ArithTask
 from lit_align.losses import overlong_penalty
 from lit_align.rewards.base import RewardError, register_reward
 
 _MISSING = object()
-
-
-def _lookup(meta: Any, key: str) -> Any:
-    """``meta[key]``, where a dotted key walks nested dicts (``reward_model.ground_truth``)
-    unless the dotted string is itself a key."""
-    if isinstance(meta, dict) and key in meta:
-        return meta[key]
-    value = meta
-    for part in key.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
 
 
 @register_reward("arith_match")
@@ -53,7 +40,7 @@ def arith_match(reverse_answer: bool = True, answer_key: str = "answer"):
     def arith_match_reward(prompts: list[str], completions: list[str], meta: list[dict], **context) -> list[float]:
         out = []
         for i, (completion, row) in enumerate(zip(completions, meta)):
-            answer = _lookup(row, answer_key)
+            answer = lookup(row, answer_key, _MISSING)
             if answer is _MISSING:
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise RewardError(f"meta has no {answer_key!r} (meta keys: {keys})", row=i)

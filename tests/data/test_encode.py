@@ -5,8 +5,9 @@ import logging
 import pytest
 
 from lit_align.data import DataError
-from lit_align.data.encode import IGNORE_INDEX, Dropped, encode_segments
+from lit_align.data.encode import IGNORE_INDEX, Dropped, encode_segments, reference_text
 from lit_align.data.formats import Segment
+from lit_align.data.preference import encode_pair
 from tests.data.util import byte_tokenizer, encoded_module, labelled_texts
 
 EOS = "</s>"
@@ -130,3 +131,14 @@ def test_module_prompt_policy_keeps_long_rows_within_max_length(tmp_path, caplog
 def test_module_with_every_row_dropped_raises(tmp_path):
     with pytest.raises(DataError, match=r"data\.jsonl \[train\]: no usable rows \(dropped: \{'too long': 2\}\)"):
         encoded_module(tmp_path, [ROWS[1], ROWS[4]], max_length=8, truncation="drop")
+
+
+def test_reference_text_is_the_last_trained_segment_without_its_eos():
+    tok = byte_tokenizer()
+    segments = [Segment("2+2=", False), Segment(" 4", True), Segment(" and then", False), Segment(" 8 </s>\n", True)]
+    assert reference_text(segments, tok) == "8"
+    assert reference_text([Segment("q", False), Segment("no eos ", True)], tok) == "no eos"
+    # the instruction rows and the preference pairs read the same target
+    assert encode_segments(segments, tok, 64)["reference"] == "8"
+    pair = encode_pair([Segment("q", False)], [Segment("yes</s>", True)], [Segment("no", True)], tok, 64, "prompt")
+    assert pair["reference"] == "yes"

@@ -6,7 +6,7 @@ import pytest
 
 from lit_align.data import DataError, InstructionDataModule
 from lit_align.data.formats import Where
-from tests.data.util import byte_tokenizer, encoded_module, write_jsonl
+from tests.data.util import byte_tokenizer, encoded_module, raises_located, write_jsonl
 
 PC = {"prompt": "1+1=", "completion": "2"}
 CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
@@ -16,9 +16,7 @@ ALPACA = {"instruction": "Say hi.", "input": "", "output": "hi"}
 
 def raises_at_row_2(tmp_path, good, bad, field, problem, **kwargs):
     """Four rows, the third bad: setup fails with the full location of the problem."""
-    path = str(tmp_path / "rows.jsonl")
-    message = f"{path} [train] row 2, field {field!r}: {problem}"
-    with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
+    with raises_located(tmp_path / "rows.jsonl", 2, field, problem):
         encoded_module(tmp_path, [good, good, bad, good], name="rows.jsonl", **kwargs)
 
 

@@ -4,7 +4,8 @@ import pytest
 
 from lit_align.data import DataError
 from lit_align.data.encode import IGNORE_INDEX, encode_segments
-from lit_align.data.formats import DEFAULT_COLUMNS, Segment, Where, detect_format, row_to_segments
+from lit_align.data.formats import (DEFAULT_COLUMNS, Segment, Where, detect_format, lookup, renamed_columns,
+                                    row_to_segments)
 from tests.data.util import byte_tokenizer, encoded_module, labelled_texts, unlabelled_text
 
 EOS = "</s>"
@@ -201,3 +202,22 @@ def test_explicit_format_overrides_detection(tmp_path):
     row = {"messages": CHAT, "prompt": "p", "completion": "c"}
     dm = encoded_module(tmp_path, [row], format="prompt_completion")
     assert labelled_texts(dm.encoded["train"][0], byte_tokenizer()) == ["c" + EOS]
+
+
+def test_lookup_walks_dotted_keys_a_literal_key_wins_and_a_present_null_is_a_value():
+    row = {"reward_model": {"ground_truth": 7, "note": None}, "a.b": 1, "a": {"b": 2}}
+    missing = object()
+    assert lookup(row, "reward_model.ground_truth") == 7
+    assert lookup(row, "a.b") == 1 and lookup({"a": {"b": 2}}, "a.b") == 2
+    assert lookup(row, "reward_model.note", missing) is None
+    assert lookup(row, "reward_model.truth") is None and lookup(row, "reward_model.truth", missing) is missing
+    assert lookup(row, "reward_model.ground_truth.x", missing) is missing  # 7 holds no keys
+    assert lookup(["not", "a", "mapping"], "x", missing) is missing
+
+
+def test_renamed_columns_apply_renames_and_refuse_unknown_names():
+    assert renamed_columns({"chosen": "good"}, {"prompt": "prompt", "chosen": "chosen"}) == \
+        {"prompt": "prompt", "chosen": "good"}
+    assert renamed_columns(None, {"prompt": "prompt"}) == {"prompt": "prompt"}
+    with pytest.raises(ValueError, match=r"^data.columns: unknown keys \['answer', 'x'\] \(known: \['prompt'\]\)$"):
+        renamed_columns({"x": "y", "answer": "a"}, {"prompt": "prompt"})

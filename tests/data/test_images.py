@@ -14,38 +14,18 @@ from torchvision.transforms import Compose, Resize, ToTensor
 
 from lit_align.data import DataError, ImageInstructionDataModule, ShapesTask
 from lit_align.data.encode import IGNORE_INDEX as IGN
+from lit_align.data.image_kinds import IMAGE_KINDS, ImageConversations
 from lit_align.data.images import expand_image_tokens
 from lit_align.data.tasks.shapes import BACKGROUND, PALETTE, POSITIONS, scene_of
 from lit_align.models import build_tokenizer
-from tests.data.util import write_jsonl
+from tests.data.util import byte_ids, image_tokenizer, raises_located, write_jsonl
 
 EOS_ID = 1
 IMG = 384  # the byte tokenizer has 384 ids; <image> is added as the next one
 N = 4
 TRANSFORM = Compose([Resize((32, 32)), ToTensor()])
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 160, 0)
-
-
-@pytest.fixture(autouse=True)
-def no_download_count(monkeypatch):
-    # `datasets` pings the Hub to count loads of its json/parquet builders; offline that waits for a timeout
-    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
-
-
-_TOK = None
-
-
-def tokenizer():
-    global _TOK
-    if _TOK is None:
-        _TOK = build_tokenizer("byte")
-        _TOK.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    return _TOK
-
-
-def ids(text: str) -> list[int]:
-    """The byte tokenizer's ids, by hand: every UTF-8 byte shifted past pad, eos and unk."""
-    return [b + 3 for b in text.encode()]
+tokenizer, ids = image_tokenizer, byte_ids
 
 
 def chat(question: str, answer: str) -> list[dict]:
@@ -294,8 +274,7 @@ def test_placeholder_count_mismatch_names_the_row_and_field(tmp_path, row, field
     png(tmp_path, "red.png")
     good = {"image": "red.png", "conversations": chat("<image>\nWhat?", "red")}
     path = write_jsonl(tmp_path / "rows.jsonl", [good, row])
-    message = f"{path} [train] row 1, field {field!r}: {problem}"
-    with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
+    with raises_located(path, 1, field, problem):
         module(data_files=path)
 
 
@@ -434,9 +413,59 @@ def test_preference_prompt_and_image_mismatch_is_located(tmp_path):
     rows = [{"image": "red.png", "prompt": "<image> Colour?", "chosen": "red", "rejected": "blue"},
             {"image": None, "prompt": "<image> Colour?", "chosen": "red", "rejected": "blue"}]
     path = write_jsonl(tmp_path / "pairs.jsonl", rows)
-    message = f"{path} [train] row 1, field 'image': 0 image(s) but 1 '<image>' placeholder(s) in 'prompt'"
-    with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
+    with raises_located(path, 1, "image", "0 image(s) but 1 '<image>' placeholder(s) in 'prompt'"):
         module(data_files=path, kind="preference")
+
+
+def test_image_pairs_are_read_like_text_pairs_margin_included(tmp_path):
+    png(tmp_path, "red.png", RED)
+    rows = [{"image": "red.png", "prompt": "Colour? ", "chosen": "red", "rejected": "blue", "margin": 0.5},
+            {"image": "red.png", "prompt": "Colour? ", "chosen": "red", "rejected": "red", "margin": 1.0},
+            {"image": "red.png", "prompt": "Colour? ", "chosen": [{"from": "gpt", "value": "red"}],
+             "rejected": [{"from": "gpt", "value": "pink"}], "margin": 2.0}]
+    dm = module(data_files=write_jsonl(tmp_path / "pairs.jsonl", rows), kind="preference")
+    first, second = dm.encoded["train"]
+    assert first["margin"] == 0.5 and second["margin"] == 2.0
+    assert dm.stats["data/train_dropped_identical_responses"] == 1
+    assert first["chosen"]["input_ids"] == [IMG] * N + ids("\nColour? red") + [EOS_ID]  # "<image>\n" led the prompt
+    assert second["prompt_ids"] == ids("<|user|>\n") + [IMG] * N + ids("\nColour? \n<|assistant|>\n")  # ShareGPT turns
+    assert second["chosen"]["labels"][-4:] == ids("red") + [EOS_ID]
+    assert batch_of(dm)["margin"].tolist() == [0.5, 2.0]
+    bad = dict(rows[0], margin="lots")
+    with raises_located(write_jsonl(tmp_path / "bad.jsonl", [bad]), 0, "margin", "expected a number, got 'lots'"):
+        module(data_files=str(tmp_path / "bad.jsonl"), kind="preference")
+
+
+def test_conversational_prompt_completion_rows_get_the_leading_placeholder(tmp_path):
+    png(tmp_path, "red.png", RED)
+    rows = [{"image": "red.png", "prompt": [{"role": "user", "content": "Colour?"}],
+             "completion": [{"role": "assistant", "content": "red"}]}]
+    enc = module(data_files=write_jsonl(tmp_path / "rows.jsonl", rows)).encoded["train"][0]
+    assert enc["prompt_ids"] == ids("<|user|>\n") + [IMG] * N + ids("\nColour?\n<|assistant|>\n")
+    assert enc["labels"][-4:] == ids("red") + [EOS_ID]
+
+
+def test_a_new_kind_of_image_row_is_one_class_in_the_kinds_table(tmp_path, monkeypatch):
+    class QuestionAnswer(ImageConversations):
+        """``question``/``answer`` columns, read as a prompt and a completion."""
+
+        def row_format(self, columns):
+            return "prompt_completion"
+
+        def used_columns(self):
+            return {"question", "answer"}
+
+        def encode(self, row, fmt, where, tokenizer, images, n_images):
+            qa = {"prompt": row["question"], "completion": row["answer"]}
+            return super().encode(qa, fmt, where, tokenizer, images, n_images)
+
+    monkeypatch.setitem(IMAGE_KINDS, "question_answer", QuestionAnswer)
+    png(tmp_path, "red.png", RED)
+    path = write_jsonl(tmp_path / "qa.jsonl", [{"image": "red.png", "question": "<image>Colour? ", "answer": "red"}])
+    dm = module(data_files=path, kind="question_answer")
+    enc = dm.encoded["train"][0]
+    assert enc["input_ids"] == [IMG] * N + ids("Colour? red") + [EOS_ID] and enc["meta"] == {}
+    assert batch_of(dm)["image_counts"].tolist() == [1]
 
 
 # -- the shapes task through the module, eval batches ------------------------------------------

@@ -1,12 +1,9 @@
 """PreferenceDataModule: shared prompt tokens, labels on the responses only, implicit prompts,
 margins, chosen-then-rejected collation, pair truncation, and located errors."""
 
-import csv
-import json
 import logging
 import re
 
-import datasets
 import pytest
 import torch
 
@@ -15,22 +12,12 @@ from lit_align.data import DataError
 from lit_align.data.encode import IGNORE_INDEX as IGN
 from lit_align.data.formats import Segment, Where
 from lit_align.data.preference import collate_pairs, encode_pair, split_common_prefix
-from tests.data.util import byte_tokenizer, encoded_module, labelled_texts, unlabelled_text, write_jsonl
+from tests.data.util import (byte_ids, byte_tokenizer, encoded_module, labelled_texts, raises_located, unlabelled_text,
+                             write_jsonl, write_rows)
 
 EOS = "</s>"
 EOS_ID = 1
-
-
-@pytest.fixture(autouse=True)
-def no_download_count(monkeypatch):
-    # `datasets` pings the Hub to count loads of its json/csv/parquet builders; offline that
-    # waits for a timeout (5 s) although only local files are read here
-    monkeypatch.setattr(datasets.config, "HF_UPDATE_DOWNLOAD_COUNTS", False)
-
-
-def ids(text: str) -> list[int]:
-    """The byte tokenizer's ids, by hand: every UTF-8 byte shifted past pad, eos and unk."""
-    return [b + 3 for b in text.encode()]
+ids = byte_ids
 
 
 def user(text):
@@ -289,28 +276,12 @@ def test_no_margin_column_no_margin_in_the_batch(tmp_path):
     assert set(batch) == {"input_ids", "attention_mask", "labels"}
 
 
-def _write(path, rows):
-    ext = path.suffix
-    if ext == ".jsonl":
-        write_jsonl(path, rows)
-    elif ext == ".json":
-        path.write_text(json.dumps(rows))
-    elif ext == ".csv":
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    else:
-        datasets.Dataset.from_list(rows).to_parquet(str(path))
-    return str(path)
-
-
 @pytest.mark.parametrize("ext", ["jsonl", "json", "csv", "parquet"])
 def test_every_file_type_gives_the_same_pairs(tmp_path, ext):
     # CSV cells are read as text: the margin "0.25" still becomes a float
     rows = [{"prompt": "1+1=", "chosen": "2", "rejected": "3", "margin": 0.25},
             {"prompt": "2+2=", "chosen": "4", "rejected": "22", "margin": 3.0}]
-    dm = PreferenceDataModule(data_files=_write(tmp_path / f"pairs.{ext}", rows), max_length=32)
+    dm = PreferenceDataModule(data_files=write_rows(tmp_path / f"pairs.{ext}", rows), max_length=32)
     dm.tokenizer = byte_tokenizer()
     dm.setup("fit")
     train = dm.encoded["train"]
@@ -410,9 +381,7 @@ GOOD_IMPLICIT = {"chosen": [user("hi"), assistant("yo")], "rejected": [user("hi"
 
 
 def raises_at(tmp_path, rows, row, field, problem, **kwargs):
-    path = str(tmp_path / "rows.jsonl")
-    message = f"{path} [train] row {row}, field {field!r}: {problem}"
-    with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
+    with raises_located(tmp_path / "rows.jsonl", row, field, problem):
         module(tmp_path, rows, name="rows.jsonl", **kwargs)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from lit_align.data import DataError, PromptDataModule
 from lit_align.data.tasks import ArithTask
-from tests.data.util import byte_tokenizer, write_jsonl
+from tests.data.util import byte_tokenizer, raises_located, write_jsonl
 
 BATCH_KEYS = {"prompt_ids", "prompt_mask", "prompts", "references", "meta", "num_label_tokens_step", "num_seqs_step"}
 SYSTEM = {"role": "system", "content": "Answer briefly."}
@@ -222,9 +222,7 @@ GOOD_CHAT = {"prompt": [{"role": "user", "content": "1+1="}], "answer": "2"}
 
 def raises_at_row_2(tmp_path, good, bad, field, problem, **kwargs):
     """Four rows, the third bad: setup fails with the full location of the problem."""
-    path = str(tmp_path / "rows.jsonl")
-    message = f"{path} [train] row 2, field {field!r}: {problem}"
-    with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
+    with raises_located(tmp_path / "rows.jsonl", 2, field, problem):
         module(tmp_path, [good, good, bad, good], **kwargs)
 
 

@@ -1,30 +1,19 @@
 """Local sources: json, jsonl, csv and parquet give the same rows; splits from files or a held-out fraction."""
 
-import json
 import re
 
-import pandas as pd
 import pytest
 
 from lit_align.data import InstructionDataModule
 from lit_align.data.sources import ROW_COLUMN, load_splits, task_splits
-from tests.data.util import byte_tokenizer, write_jsonl
+from tests.data.util import byte_tokenizer, write_rows
 
 ROWS = [{"prompt": f"{i}+{i}=", "completion": str(2 * i), "id": f"r{i}"} for i in range(10)]
 ROWS[3]["completion"] = "007"  # text that looks like a number stays as written
 
 
 def write(tmp_path, fmt, rows=ROWS, stem="rows"):
-    path = tmp_path / f"{stem}.{fmt}"
-    if fmt == "jsonl":
-        write_jsonl(path, rows)
-    elif fmt == "json":
-        path.write_text(json.dumps(rows))
-    elif fmt == "csv":
-        pd.DataFrame(rows).to_csv(path, index=False)
-    elif fmt == "parquet":
-        pd.DataFrame(rows).to_parquet(path)
-    return str(path)
+    return write_rows(tmp_path / f"{stem}.{fmt}", rows)
 
 
 ALL_SPLITS = {"train": "train", "validation": "validation", "test": "test"}

@@ -2,21 +2,43 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
 
 from lit_align.data.encode import IGNORE_INDEX
+from lit_align.data.formats import DataError
 from lit_align.models.tokenizer import build_tokenizer
 
-_TOKENIZER = None
 
-
+@functools.cache
 def byte_tokenizer():
     """The built-in byte tokenizer (one id per byte, eos ``</s>`` = 1, pad 0, no BOS), built once."""
-    global _TOKENIZER
-    if _TOKENIZER is None:
-        _TOKENIZER = build_tokenizer("byte")
-    return _TOKENIZER
+    return build_tokenizer("byte")
+
+
+@functools.cache
+def image_tokenizer():
+    """Another byte tokenizer with ``<image>`` added as one special token (id 384), built once."""
+    tokenizer = build_tokenizer("byte")
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    return tokenizer
+
+
+def byte_ids(text: str) -> list[int]:
+    """The byte tokenizer's ids, by hand: every UTF-8 byte shifted past pad, eos and unk."""
+    return [b + 3 for b in text.encode()]
+
+
+def raises_located(path, row: int, field: str, problem: str, split: str = "train"):
+    """``pytest.raises`` for exactly the :class:`DataError` naming ``path [split] row N, field 'x': problem``."""
+    message = f"{path} [{split}] row {row}, field {field!r}: {problem}"
+    return pytest.raises(DataError, match="^" + re.escape(message) + "$")
 
 
 def label_spans(enc: dict) -> list[list[int]]:
@@ -48,6 +70,22 @@ def write_jsonl(path, rows: list[dict]) -> str:
     with open(path, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+    return os.fspath(path)
+
+
+def write_rows(path, rows: list[dict]) -> str:
+    """``rows`` written to ``path`` in the file type its suffix names: jsonl, json, csv or parquet."""
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        return write_jsonl(path, rows)
+    if path.suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif path.suffix == ".csv":
+        pd.DataFrame(rows).to_csv(path, index=False)
+    elif path.suffix == ".parquet":
+        pd.DataFrame(rows).to_parquet(path)
+    else:
+        raise ValueError(f"write_rows: no writer for {path.suffix!r}")
     return os.fspath(path)
 
 

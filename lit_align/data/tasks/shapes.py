@@ -180,7 +180,8 @@ class ShapesTask:
         out = [(f"What colour is the {s}?", f"there is no {s}", "color") for s in self.shapes if s not in present]
         out += [(f"Where is the {c} {s}?", f"there is no {c} {s}", "position")
                 for s in self.shapes for c in self.colors if (c, s) not in pairs]
-        out += [(f"What shape is at the {p}?", f"there is nothing at the {p}", "shape") for p in POSITIONS if p not in cells]
+        out += [(f"What shape is at the {p}?", f"there is nothing at the {p}", "shape")
+                for p in POSITIONS if p not in cells]
         return out
 
     def hallucination(self, scene: Scene, kind: str, answer: str, rng: random.Random) -> str:
@@ -236,7 +237,8 @@ class ShapesTask:
 
         def scene_rows(split: str, i: int, scene: Scene) -> list[dict]:
             image = self.draw(scene, random.Random(f"{self.seed}:{split}:{i}:image"))
-            return [{"id": f"{split}-{i}", **self.row(scene, kind, random.Random(f"{self.seed}:{split}:{i}:{kind}"), image)}]
+            rng = random.Random(f"{self.seed}:{split}:{i}:{kind}")
+            return [{"id": f"{split}-{i}", **self.row(scene, kind, rng, image)}]
 
         return self.rows_per_split(scene_rows)
 

@@ -113,18 +113,13 @@ class ShapesTextTask:
         ``instruction`` (the only kind; these are instruction rows whatever ``kinds`` holds)."""
         if kind != "instruction":
             raise ValueError(f"shapes_text: unknown row kind {kind!r} (instruction: set `kinds` to choose the rows)")
-        scenes = self.scenes
-        sizes = {"train": scenes.train_size, "validation": scenes.val_size, "test": scenes.val_size}
-        out: dict[str, list[dict]] = {}
-        for split, n in sizes.items():
-            rows = []
-            for i in range(n):
-                scene = scenes.scene(split, i)
-                for k in self.kinds:
-                    row = self.text_row(scene, k, random.Random(f"{scenes.seed}:{split}:{i}:{k}"))
-                    rows.append({"id": f"{split}-{i}-{k}", **row})
-            out[split] = rows
-        return out
+        seed = self.scenes.seed
+
+        def scene_rows(split: str, i: int, scene: Scene) -> list[dict]:
+            return [{"id": f"{split}-{i}-{k}", **self.text_row(scene, k, random.Random(f"{seed}:{split}:{i}:{k}"))}
+                    for k in self.kinds]
+
+        return self.scenes.rows_per_split(scene_rows)
 
     @staticmethod
     def check(completion: str, answer: str) -> bool:
