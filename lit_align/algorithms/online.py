@@ -3,6 +3,7 @@ reference, scoring, the optimizer-step loop over a rollout, rollout logging and 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import torch
@@ -13,7 +14,7 @@ from lit_align.algorithms.reference import Reference
 from lit_align.algorithms.steps import StepMetrics, mini_batch_bounds
 from lit_align.distributed import all_reduce
 from lit_align.losses import KL_ESTIMATORS
-from lit_align.models import CausalLMSpec, LoraSpec, disable_dropout
+from lit_align.models import CausalLMSpec, LoraSpec, build_hf_config, disable_dropout, is_peft
 from lit_align.rewards import RewardSpec, Rewards
 from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, build_engine, chunked_logprobs
 
@@ -40,11 +41,12 @@ class OnlineRLModule(CausalLMModule):
         reference: the frozen reference; default the initial policy (with ``lora``: the base
             with adapters disabled).
         forward_batch_size: rows per forward/backward (training and scoring passes).
-        engine: the rollout engine (:class:`~lit_align.rollout.EngineSpec`: a registered name,
-            ``hf`` for HF ``generate`` on the training model, or an import path
-            ``"package.module:Class"`` of a :class:`~lit_align.rollout.RolloutEngine` subclass, with
-            its ``args``; a plain string is a name), built as
-            ``Class(tokenizer, logprob_batch_size=forward_batch_size, **args)``.
+        engine: the rollout engine: a registered name (``hf``: HF ``generate`` on the training
+            model, ``vllm``: a colocated vLLM engine, :data:`~lit_align.rollout.ENGINES`) or an import
+            path ``"package.module:Class"`` of a :class:`~lit_align.rollout.RolloutEngine` subclass,
+            or ``{name: ..., args: {...}}`` (:class:`~lit_align.rollout.EngineSpec`) with the
+            engine's settings; built as ``Class(tokenizer, logprob_batch_size=forward_batch_size, **args)``
+            and checked against the policy's config and the sampling settings here.
 
     Every setting is checked here and kept as an attribute of the same name; ``hparams`` is the
     record of what was given (checkpoints, CLI).
@@ -79,6 +81,7 @@ class OnlineRLModule(CausalLMModule):
         self.rewards = Rewards(list(rewards) + list(extra_rewards))
         try:
             self.engine = build_engine(engine, self.tokenizer, logprob_batch_size=forward_batch_size)
+            self.engine.check(build_hf_config(model, self.tokenizer), sampling)
         except (ValueError, TypeError) as e:  # TypeError: a class whose constructor does not fit
             raise ValueError(f"{type(self).__name__}.engine: {e}") from e
         self.forward_batch_size = forward_batch_size
@@ -144,7 +147,7 @@ class OnlineRLModule(CausalLMModule):
         """``num_generations`` scored completions per prompt: ``(rollout, total [N], each reward)``."""
         s = self.sampling
         sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                  top_k=s.top_k, n=self.num_generations)
+                                  top_k=s.top_k, n=self.num_generations, stop_token_ids=s.stop_token_ids)
         self.engine.update_weights(self.model)
         rollout = self.engine.generate(self.model, prompts, sampling)
         total, parts = self.score(rollout)

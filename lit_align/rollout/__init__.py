@@ -5,7 +5,9 @@ from lit_align.rollout.base import ENGINES, EngineSpec, RolloutEngine, SamplingP
 from lit_align.rollout.batch import RolloutBatch
 from lit_align.rollout.hf import (HFEngine, chunked_logprobs, completion_logprobs, completion_masks,
                                   decode_completions, hf_generate)
+from lit_align.rollout.vllm import VLLMEngine  # registers "vllm"; vLLM itself is imported only when one is built
+from lit_align.rollout.weights import policy_weights
 
 __all__ = ["ENGINES", "EngineSpec", "HFEngine", "RolloutBatch", "RolloutEngine", "SamplingParams", "build_engine",
            "chunked_logprobs", "completion_logprobs", "completion_masks", "decode_completions", "hf_generate",
-           "register_engine", "resolve_engine"]
+           "policy_weights", "register_engine", "resolve_engine", "VLLMEngine"]

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import abc
 import inspect
+import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -29,6 +30,8 @@ class SamplingParams:
         top_p: nucleus sampling threshold (1.0: off).
         top_k: keep the k most likely tokens (0: off).
         n: completions per prompt (all in one batched call).
+        stop_token_ids: a completion ends at the first of these ids (included in it); empty:
+            the tokenizer's EOS.
     """
 
     max_new_tokens: int = 32
@@ -36,10 +39,35 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     n: int = 1
+    stop_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not all(math.isfinite(x) for x in (self.temperature, self.top_p)):
+            raise ValueError(f"sampling: temperature and top_p must be finite, got {self}")
         if self.max_new_tokens < 1 or self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.n < 1:
             raise ValueError(f"sampling: invalid settings {self}")
+        self.stop_token_ids = list(self.stop_token_ids)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.stop_token_ids):
+            raise ValueError(f"sampling.stop_token_ids: need non-negative token ids, got {self.stop_token_ids}")
+
+    def stop_ids(self, tokenizer) -> list[int]:
+        """The ids that end a completion: ``stop_token_ids``, or the tokenizer's EOS when empty."""
+        return list(self.stop_token_ids) or [tokenizer.eos_token_id]
+
+
+@dataclass
+class EngineSpec:
+    """Which rollout engine an online module builds, as YAML gives it (``engine: {name: vllm, args: {...}}``).
+
+    Args:
+        name: a registered engine (:data:`ENGINES`: ``hf``, ``vllm``) or an import path
+            ``"package.module:Class"`` of a :class:`RolloutEngine` subclass.
+        args: keyword arguments of the engine's constructor (besides the tokenizer and
+            ``logprob_batch_size``, which the module passes).
+    """
+
+    name: str = "hf"
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 class RolloutEngine(abc.ABC):
@@ -60,6 +88,13 @@ class RolloutEngine(abc.ABC):
             raise ValueError(f"logprob_batch_size: must be >= 1, got {logprob_batch_size}")
         self.tokenizer = tokenizer
         self.logprob_batch_size = logprob_batch_size
+
+    def check(self, model_config, sampling: SamplingParams) -> None:
+        """Raise ``ValueError`` for a model or sampling setting this engine cannot serve.
+
+        Online RL modules call it at construction, before any weights load, with the policy's
+        HF config (a ``transformers.PretrainedConfig``) and their sampling settings. Engines
+        that serve every model and setting (HF ``generate``) keep this default, which accepts all."""
 
     @abc.abstractmethod
     def update_weights(self, model: torch.nn.Module) -> None:
@@ -126,21 +161,6 @@ def resolve_engine(name: str) -> type[RolloutEngine]:
     except ValueError as e:
         raise ValueError(f"{name!r}: {e}") from e
     return obj
-
-
-@dataclass
-class EngineSpec:
-    """Which rollout engine an online module builds, as YAML gives it (``engine: {name, args}``).
-
-    Args:
-        name: a registered name (:data:`ENGINES`: ``hf``) or an import path ``"package.module:Class"``
-            of a :class:`RolloutEngine` subclass.
-        args: keyword arguments of the engine's constructor besides the tokenizer and
-            ``logprob_batch_size`` (which the module passes).
-    """
-
-    name: str = "hf"
-    args: dict = field(default_factory=dict)
 
 
 def build_engine(spec: EngineSpec | str, tokenizer, logprob_batch_size: int = 32) -> RolloutEngine:

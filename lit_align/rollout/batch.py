@@ -44,6 +44,7 @@ class RolloutBatch:
     completions: list[str] = field(default_factory=list)
     meta: list[dict] = field(default_factory=list)
     group_size: int = 1
+    sampler_logprobs: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompt_ids.shape[0]
@@ -121,6 +122,8 @@ class RolloutBatch:
         for f in fields(RolloutBatch):
             values = [getattr(b, f.name) for b in batches]
             if f.name == "sampler_logprobs" and any(v is None for v in values):
+                if not all(v is None for v in values):
+                    raise ValueError("RolloutBatch.cat: some batches carry sampler_logprobs and some do not")
                 out[f.name] = None
             elif f.name in pads:
                 width, value, left = pads[f.name]

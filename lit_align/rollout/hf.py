@@ -27,7 +27,7 @@ def _without_autograd(fn):
 
 @_without_autograd
 def hf_generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingParams,
-                pad_token_id: int, eos_token_id: int) -> torch.Tensor:
+                pad_token_id: int, eos_token_id: int | list[int]) -> torch.Tensor:
     """Sample completions for left-padded prompts ``[B, P]``; returns ``[B * n, C]`` completion
     ids (prompt removed; the ``n`` samples of a prompt are consecutive rows), padded with
     ``pad_token_id`` after EOS. The model is put in eval mode for the call and restored
@@ -51,10 +51,13 @@ def hf_generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samp
     return out[:, prompt_ids.shape[1]:]
 
 
-def completion_masks(completion_ids: torch.Tensor, eos_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(mask [N, C], truncated [N])``: 1 up to and including each row's first EOS; a row with no
-    EOS is truncated and all its tokens count. Works when the pad id equals the EOS id."""
-    is_eos = completion_ids == eos_token_id
+def completion_masks(completion_ids: torch.Tensor, eos_token_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask [N, C], truncated [N])``: 1 up to and including each row's first stop id (EOS, or
+    any of a list of ids); a row with none is truncated and all its tokens count. Works when the
+    pad id is a stop id."""
+    stops = torch.as_tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                            device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, stops)
     has_eos = is_eos.any(-1)
     first = torch.where(has_eos, is_eos.int().argmax(-1), torch.full_like(has_eos, completion_ids.shape[1], dtype=torch.long))
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
@@ -110,14 +113,13 @@ def chunked_logprobs(model: torch.nn.Module, rollout: RolloutBatch, temperature:
     return out
 
 
-def decode_completions(tokenizer, completion_ids: torch.Tensor) -> list[str]:
-    """Text of each completion up to (not including) its first EOS."""
-    eos = tokenizer.eos_token_id
+def decode_completions(tokenizer, completion_ids: torch.Tensor, stop_ids: list[int] | None = None) -> list[str]:
+    """Text of each completion up to (not including) its first stop id (default: the EOS)."""
+    stops = set(stop_ids or [tokenizer.eos_token_id])
     texts = []
     for row in completion_ids.tolist():
-        if eos in row:
-            row = row[: row.index(eos)]
-        texts.append(tokenizer.decode(row, skip_special_tokens=True))
+        end = next((i for i, t in enumerate(row) if t in stops), len(row))
+        texts.append(tokenizer.decode(row[:end], skip_special_tokens=True))
     return texts
 
 
@@ -141,10 +143,10 @@ class HFEngine(RolloutEngine):
 
     def generate(self, model: torch.nn.Module, prompts: dict, sampling: SamplingParams) -> RolloutBatch:
         tok = self.tokenizer
-        ids = hf_generate(model, prompts["prompt_ids"], prompts["prompt_mask"], sampling, tok.pad_token_id,
-                          tok.eos_token_id)
+        stops = sampling.stop_ids(tok)
+        ids = hf_generate(model, prompts["prompt_ids"], prompts["prompt_mask"], sampling, tok.pad_token_id, stops)
         ids = ids.clone()  # out of inference mode: the training forward's embedding saves these indices
-        mask, truncated = completion_masks(ids, tok.eos_token_id)
+        mask, truncated = completion_masks(ids, stops)
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, tok.pad_token_id))
         n = sampling.n
         rollout = RolloutBatch(
@@ -153,7 +155,7 @@ class HFEngine(RolloutEngine):
             completion_ids=ids, completion_mask=mask, logprobs=torch.zeros(ids.shape, device=ids.device),
             truncated=truncated,
             prompts=[p for p in prompts.get("prompts", [""] * len(prompts["prompt_ids"])) for _ in range(n)],
-            completions=decode_completions(tok, ids),
+            completions=decode_completions(tok, ids, stops),
             meta=[m for m in prompts.get("meta", [{}] * len(prompts["prompt_ids"])) for _ in range(n)],
             group_size=n,
         ).trimmed()

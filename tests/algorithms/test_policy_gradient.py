@@ -128,7 +128,7 @@ def _trainer(tmp_path, max_steps, **kw):
     (dict(overlong_penalty_factor=-1.0, overlong_buffer=2), "overlong_penalty_factor: must be >= 0"),
     (dict(max_generation_rounds=4), "max_generation_rounds: set to 4 but dynamic_sampling is off"),
     (dict(kl_estimator="k3"), "kl_estimator: set to 'k3' but beta is 0"),
-    (dict(engine="vllm"), "engine: unknown engine 'vllm'"),
+    (dict(engine="nope"), "engine: unknown engine 'nope'"),
     (dict(engine="tests.algorithms.test_policy_gradient:odd_length_reward"), "engine: .* not a subclass of"),
     (dict(engine="tests.no_such_module:Engine"), "engine: .*cannot import"),
 ])

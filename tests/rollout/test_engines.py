@@ -72,7 +72,7 @@ def test_import_path():
 
 
 @pytest.mark.parametrize("name, match", [
-    ("vllm", r"unknown engine 'vllm': not a built-in \(hf.*\) nor an import path"),
+    ("nope", r"unknown engine 'nope': not a built-in \(hf, vllm\) nor an import path"),
     ("tests.rollout.test_engines:NotAnEngine", "not a subclass of lit_align.rollout.RolloutEngine"),
     ("tests.rollout.test_engines:HalfEngine", r"HalfEngine leaves abstract methods unimplemented \(generate\)"),
     ("tests.rollout.test_engines:Missing", "has no attribute 'Missing'"),
@@ -83,3 +83,46 @@ def test_import_path():
 def test_bad_engines_are_named(name, match):
     with pytest.raises(ValueError, match=match):
         resolve_engine(name)
+
+
+class SettingsEngine(EchoEngine):
+    def __init__(self, tokenizer, logprob_batch_size: int = 32, width: int = 1):
+        super().__init__(tokenizer, logprob_batch_size)
+        self.width = width
+
+
+def test_engine_spec_passes_its_args():
+    from lit_align.rollout import EngineSpec
+
+    engine = build_engine(EngineSpec("tests.rollout.test_engines:SettingsEngine", {"width": 3}), TOK, 7)
+    assert (engine.width, engine.logprob_batch_size) == (3, 7)
+    with pytest.raises(TypeError, match="height"):
+        build_engine(EngineSpec("tests.rollout.test_engines:SettingsEngine", {"height": 3}), TOK)
+
+
+def test_engine_spec_from_yaml_reaches_the_module():
+    from lit_align import GRPO
+    from lit_align.models import CausalLMSpec
+    from lit_align.rewards import RewardSpec
+    from lit_align.rollout import EngineSpec
+    from tests.conftest import tiny_config
+
+    spec = EngineSpec("tests.rollout.test_engines:SettingsEngine", {"width": 5})
+    m = GRPO(model=CausalLMSpec(config=tiny_config()), rewards=[RewardSpec("arith_match")], engine=spec)
+    assert type(m.engine) is SettingsEngine and m.engine.width == 5 and m.hparams.engine == spec
+    with pytest.raises(ValueError, match="GRPO.engine: .*unexpected keyword argument 'height'"):
+        GRPO(model=CausalLMSpec(config=tiny_config()), rewards=[RewardSpec("arith_match")],
+             engine=EngineSpec("tests.rollout.test_engines:SettingsEngine", {"height": 5}))
+
+
+def test_vllm_is_registered_and_says_when_it_is_missing():
+    import importlib.util
+
+    assert ENGINES["vllm"].__name__ == "VLLMEngine"
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vllm is installed here: tests/vllm cover the engine")
+    with pytest.raises(ValueError, match=r"engine vllm: cannot import vllm .*\.ci/vllm_env\.sh"):
+        build_engine("vllm", TOK)
+    # bad settings fail first, without vllm
+    with pytest.raises(ValueError, match=r"engine vllm: gpu_memory_utilization: need a number in \(0, 1\]"):
+        build_engine("vllm", TOK, gpu_memory_utilization=float("nan"))

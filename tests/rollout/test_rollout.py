@@ -579,7 +579,8 @@ def test_cat_rejects_mixed_group_sizes_and_empty():
 
 
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.01),
-                                 dict(top_k=-1), dict(n=0)])
+                                 dict(top_k=-1), dict(n=0), dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(stop_token_ids=[-1]), dict(stop_token_ids=[1.5])])
 def test_sampling_params_reject_invalid(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -589,3 +590,47 @@ def test_sampling_params_accept_edges():
     s = SamplingParams(max_new_tokens=1, temperature=0.0, top_p=1.0, top_k=0, n=1)
     assert (s.max_new_tokens, s.temperature, s.top_p, s.top_k, s.n) == (1, 0.0, 1.0, 0, 1)
     SamplingParams(top_p=1e-3, top_k=5, temperature=2.0, n=8)
+
+
+def test_stop_token_ids_default_to_eos():
+    assert SamplingParams().stop_ids(TOK) == [EOS]
+    assert SamplingParams(stop_token_ids=[7, 9]).stop_ids(TOK) == [7, 9]
+
+
+def test_completion_masks_end_at_the_first_stop_of_any_kind():
+    ids = torch.tensor([[4, 9, 7, 1], [4, 5, 6, 8], [7, 0, 0, 0]])
+    mask, truncated = completion_masks(ids, [7, 9])
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert truncated.tolist() == [False, True, False]
+    assert decode_completions(TOK, torch.tensor([byte_ids("ab") + [7]]), [7]) == ["ab"]
+
+
+def test_hf_engine_stops_at_any_stop_id():
+    """With EOS impossible, greedy rows stop at the first 'x' when 'x' is a stop id (the text
+    before it), and run to max_new_tokens (truncated) when only the EOS stops."""
+    model = make_model(eos_bias=None)
+    batch = prompt_batch(PROMPTS)
+    free = HFEngine(TOK).generate(model, batch, SamplingParams(max_new_tokens=6))
+    assert free.truncated.all()
+    stop = free.completion_ids[0, 2].item()  # a letter the first row emits at step 3
+    stopped = HFEngine(TOK).generate(model, batch, SamplingParams(max_new_tokens=6, stop_token_ids=[stop, EOS]))
+    for i, row in enumerate(free.completion_ids.tolist()):
+        k = row.index(stop) if stop in row else len(row)
+        assert stopped.completions[i] == text_of(row[:k])
+        assert int(stopped.completion_mask[i].sum()) == min(k + 1, 6) and bool(stopped.truncated[i]) == (k == 6)
+    assert not stopped.truncated[0]
+
+
+def test_cat_and_trimmed_carry_sampler_logprobs():
+    a, b = batch_a(), batch_b()
+    a.sampler_logprobs = a.logprobs - 0.5 * a.completion_mask
+    b.sampler_logprobs = b.logprobs.clone()
+    c = RolloutBatch.cat([a, b], pad_id=0)
+    assert c.sampler_logprobs.shape == c.logprobs.shape
+    assert c.sampler_logprobs[:4].tolist() == a.sampler_logprobs.tolist()
+    assert c.sampler_logprobs[4:, 1:].abs().sum() == 0
+    assert a.trimmed().sampler_logprobs.shape == a.trimmed().logprobs.shape
+    assert a.select([1]).sampler_logprobs.tolist() == [a.sampler_logprobs[1].tolist()]
+    with pytest.raises(ValueError, match="sampler_logprobs"):
+        RolloutBatch.cat([a, batch_b()], pad_id=0)
+    assert RolloutBatch.cat([batch_a(), batch_b()], pad_id=0).sampler_logprobs is None
