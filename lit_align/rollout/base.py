@@ -163,17 +163,19 @@ def resolve_engine(name: str) -> type[RolloutEngine]:
     return obj
 
 
-def build_engine(spec: EngineSpec | str, tokenizer, logprob_batch_size: int = 32) -> RolloutEngine:
-    """``cls(tokenizer, logprob_batch_size=..., **spec.args)`` for the class :func:`resolve_engine`
-    finds; a plain string is ``EngineSpec(name=string)``. Bad arguments raise ``ValueError``."""
+def build_engine(spec: EngineSpec | str, tokenizer, logprob_batch_size: int = 32, **args) -> RolloutEngine:
+    """``cls(tokenizer, logprob_batch_size=..., **spec.args, **args)`` for the class
+    :func:`resolve_engine` finds (``args`` given here override the spec's); a plain string is
+    ``EngineSpec(name=string)``. Bad arguments raise ``ValueError``."""
     spec = EngineSpec(name=spec) if isinstance(spec, str) else spec
     if not isinstance(spec.args, dict):
         raise ValueError(f"{spec.name!r}: args must be a mapping of keyword arguments, got {type(spec.args).__name__}")
+    args = {**spec.args, **args}
     cls = resolve_engine(spec.name)
-    reserved = {"tokenizer", "logprob_batch_size"} & set(spec.args)
+    reserved = {"tokenizer", "logprob_batch_size"} & set(args)
     if reserved:
         raise ValueError(f"{spec.name!r}: args {sorted(reserved)} are set by the module (forward_batch_size), not here")
     try:
-        return cls(tokenizer, logprob_batch_size=logprob_batch_size, **spec.args)
+        return cls(tokenizer, logprob_batch_size=logprob_batch_size, **args)
     except TypeError as e:  # a keyword the class does not take
-        raise ValueError(f"{spec.name!r}: bad args {spec.args!r}: {e}") from e
+        raise ValueError(f"{spec.name!r}: bad args {args!r}: {e}") from e

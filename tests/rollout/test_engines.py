@@ -96,7 +96,7 @@ def test_engine_spec_passes_its_args():
 
     engine = build_engine(EngineSpec("tests.rollout.test_engines:SettingsEngine", {"width": 3}), TOK, 7)
     assert (engine.width, engine.logprob_batch_size) == (3, 7)
-    with pytest.raises(TypeError, match="height"):
+    with pytest.raises(ValueError, match="bad args.*height"):
         build_engine(EngineSpec("tests.rollout.test_engines:SettingsEngine", {"height": 3}), TOK)
 
 
