@@ -11,6 +11,7 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from transformers import GenerationConfig
 from torchmetrics import Metric
 
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
@@ -22,7 +23,8 @@ from lit_align.data.encode import IGNORE_INDEX
 from lit_align.losses import token_logprobs
 from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, is_peft, load_tokenizer, merged_copy
 from lit_align.models.causal_lm import decoder_layer_classes
-from lit_align.rollout import SamplingParams, decode_completions, hf_generate
+from lit_align.models.tokenizer import end_of_turn_ids
+from lit_align.rollout import SamplingParams, decode_completions, default_stop_ids, hf_generate
 
 
 class CausalLMModule(L.LightningModule):
@@ -179,11 +181,37 @@ class CausalLMModule(L.LightningModule):
             self.log("train/tokens_per_s", tokens / max(time.perf_counter() - self._tick, 1e-9))
 
     # -- held-out exact match -------------------------------------------------------
+    def stop_ids(self) -> list[int]:
+        """The ids a generated completion ends at (rollouts and held-out generation): the module's
+        ``sampling.stop_token_ids`` when given, else :func:`~lit_align.rollout.default_stop_ids`:
+        the tokenizer's EOS, the checkpoint's ``generation_config.eos_token_id`` ids, and the chat
+        template's end-of-turn ids when the data module rendered rows with the chat template
+        (``chat_templated``). Resolved once per trainer stage (:meth:`setup` resets it)."""
+        given = getattr(getattr(self, "sampling", None), "stop_token_ids", None)
+        if given:
+            return list(given)
+        if getattr(self, "_stops", None) is None:
+            dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+            templated = bool(getattr(dm, "chat_templated", False))
+            configs = [m.generation_config for m in (self.model.modules() if self.model is not None else [])
+                       if isinstance(getattr(m, "generation_config", None), GenerationConfig)]
+            self._stops = default_stop_ids(self.tokenizer, configs[0] if configs else None,
+                                           end_of_turn_ids(self.tokenizer) if templated else ())
+        return self._stops
+
+    def setup(self, stage: str) -> None:
+        self._stops = None  # the data module (and whether it renders chat) may differ per stage
+
+    def generation_inputs(self, batch: dict) -> dict:
+        """Extra inputs of ``generate`` for a held-out batch (a multimodal model's images)."""
+        return {}
+
     def generate_greedy(self, batch: dict) -> list[str]:
-        sampling = SamplingParams(max_new_tokens=self.eval_max_new_tokens, temperature=0.0)
+        stops = self.stop_ids()
+        sampling = SamplingParams(max_new_tokens=self.eval_max_new_tokens, temperature=0.0, stop_token_ids=stops)
         ids = hf_generate(self.model, batch["prompt_ids"], batch["prompt_mask"], sampling,
-                          self.tokenizer.pad_token_id, self.tokenizer.eos_token_id)
-        return decode_completions(self.tokenizer, ids)
+                          self.tokenizer.pad_token_id, stops, **self.generation_inputs(batch))
+        return decode_completions(self.tokenizer, ids, stops)
 
     def score_generations(self, batch: dict, stage: str, batch_idx: int) -> list[str] | None:
         """Greedy generations against the references (or the task's checker), into the metric;

@@ -10,7 +10,7 @@ from lit_align.algorithms.base import CausalLMModule
 from lit_align.algorithms.optim import OptimSpec
 from lit_align.algorithms.reference import Reference
 from lit_align.losses import PREFERENCE_LOSSES, dpo_loss
-from lit_align.models import CausalLMSpec, LoraSpec
+from lit_align.models import CausalLMSpec, LoraSpec, disable_dropout
 from lit_align.registry import lookup
 
 #: The data module's split each stage's batches come from.
@@ -47,6 +47,8 @@ class DPO(CausalLMModule):
             training (by split and row), then free the reference model.
         lora: train adapters (:class:`~lit_align.models.LoraSpec`) instead of the full policy.
         eval_max_new_tokens, num_logged_samples: held-out greedy generation (exact match).
+        disable_dropout: set the policy's dropout to 0 (as TRL does): with dropout, the policy's
+            log-probs of a pair are noisy while the reference's (eval mode) are not.
 
     The loss is a mean over the pairs of the whole optimizer step (over gradient
     accumulation and data-parallel ranks), so it does not depend on the micro-batch split.
@@ -55,7 +57,8 @@ class DPO(CausalLMModule):
     def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, beta: float = 0.1,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, sft_weight: float = 0.0,
                  reference: CausalLMSpec | None = None, precompute_ref_logps: bool = False,
-                 lora: LoraSpec | None = None, eval_max_new_tokens: int = 32, num_logged_samples: int = 4):
+                 lora: LoraSpec | None = None, eval_max_new_tokens: int = 32, num_logged_samples: int = 4,
+                 disable_dropout: bool = True):
         super().__init__(model=model, optim=optim, eval_max_new_tokens=eval_max_new_tokens,
                          num_logged_samples=num_logged_samples, lora=lora)
         try:
@@ -76,6 +79,7 @@ class DPO(CausalLMModule):
             raise ValueError("DPO: with `lora` the reference is the base model with adapters disabled; drop `reference`")
         self.save_hyperparameters()
         self.beta, self.loss_type, self.label_smoothing, self.sft_weight = beta, loss_type, label_smoothing, sft_weight
+        self.disable_dropout = disable_dropout
         self.reference = Reference(reference or model, "precomputed" if precompute_ref_logps else
                                    "adapters" if lora is not None else "copy")
         self.pair_metrics = torch.nn.ModuleDict({_key(stage, k): MeanMetric() for k in _METRICS for stage in ("train", "val")})
@@ -88,6 +92,8 @@ class DPO(CausalLMModule):
     # -- reference ------------------------------------------------------------------
     def configure_model(self) -> None:
         super().configure_model()
+        if self.disable_dropout:
+            disable_dropout(self.model)
         self.reference.build(self)
 
     def reference_logps(self, batch: dict, stage: str = "train") -> tuple[torch.Tensor, torch.Tensor]:

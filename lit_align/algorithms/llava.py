@@ -95,23 +95,12 @@ class LlavaMixin:
                                      pixel_values=batch.get("pixel_values"), image_counts=batch.get("image_counts"),
                                      use_cache=False).logits
 
-    @torch.inference_mode()
-    def generate_greedy(self, batch: dict) -> list[str]:
-        from lit_align.rollout import decode_completions
-
+    def generation_inputs(self, batch: dict) -> dict:
         counts = batch.get("prompt_image_counts")
         pixels = batch.get("pixel_values")
         if pixels is not None and counts is not None:
             pixels = pixels[: int(counts.sum())]  # the prompts' images come first (preference: the chosen half)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            ids = self.model.generate(batch["prompt_ids"], batch["prompt_mask"], pixel_values=pixels, image_counts=counts,
-                                      max_new_tokens=self.eval_max_new_tokens, do_sample=False,
-                                      pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id)
-        finally:
-            self.model.train(was_training)
-        return decode_completions(self.tokenizer, ids)
+        return {"pixel_values": pixels, "image_counts": counts}
 
     def export_hf(self, directory: str) -> None:
         """``language_model/`` (HF format, with the tokenizer), ``projector.safetensors``,

@@ -4,7 +4,11 @@ reference, scoring, the optimizer-step loop over a rollout, rollout logging and 
 from __future__ import annotations
 
 import dataclasses
+import math
+from dataclasses import dataclass
 from typing import Callable
+
+from lightning.pytorch.utilities import rank_zero_warn
 
 import torch
 
@@ -13,7 +17,7 @@ from lit_align.algorithms.optim import OptimSpec
 from lit_align.algorithms.reference import Reference
 from lit_align.algorithms.steps import StepMetrics, mini_batch_bounds
 from lit_align.distributed import all_reduce
-from lit_align.losses import KL_ESTIMATORS
+from lit_align.losses import CORRECTION_LEVELS, CORRECTION_MODES, KL_ESTIMATORS, mismatch_metrics, rollout_correction
 from lit_align.models import CausalLMSpec, LoraSpec, build_hf_config, disable_dropout, is_peft
 from lit_align.rewards import RewardSpec, Rewards
 from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, build_engine, chunked_logprobs
@@ -25,6 +29,35 @@ DEFAULT_KL_ESTIMATOR = "k3"
 
 #: ``(optimizer, scheduler, grad_clip, metric suffix)`` of one model stepped by :meth:`OnlineRLModule.optimize`.
 Stepped = tuple[object, object, float | None, str]
+
+#: Consecutive rollouts whose every completion hits ``max_new_tokens`` before a loud warning.
+TRUNCATION_WARNING_STEPS = 3
+
+
+@dataclass
+class RolloutCorrectionSpec:
+    """Re-weighting of the policy loss for the gap between the sampler and the training forward
+    (:func:`~lit_align.losses.rollout_correction`; TIS, Yao et al. 2025; MIS as in verl).
+
+    Args:
+        level: ``token``, ``sequence`` (product of the sequence's token ratios) or ``geometric``
+            (exp of their mean).
+        mode: ``truncate`` (weight min(ratio, threshold)) or ``mask`` (1 if ratio <= threshold, else 0).
+        threshold: a finite number > 0 (TIS uses 2).
+    """
+
+    level: str = "token"
+    mode: str = "truncate"
+    threshold: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.level not in CORRECTION_LEVELS:
+            raise ValueError(f"rollout_correction.level: {self.level!r} is not one of {CORRECTION_LEVELS}")
+        if self.mode not in CORRECTION_MODES:
+            raise ValueError(f"rollout_correction.mode: {self.mode!r} is not one of {CORRECTION_MODES}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not math.isfinite(self.threshold) or self.threshold <= 0:
+            raise ValueError(f"rollout_correction.threshold: must be a finite number > 0, got {self.threshold!r}")
 
 
 class OnlineRLModule(CausalLMModule):
@@ -59,7 +92,7 @@ class OnlineRLModule(CausalLMModule):
                  sampling: SamplingParams | None, num_generations: int, beta: float, kl_estimator: str | None,
                  reference: CausalLMSpec | None, forward_batch_size: int, lora: LoraSpec | None,
                  eval_max_new_tokens: int, num_logged_samples: int, extra_rewards: list[RewardSpec] = (),
-                 engine: EngineSpec | str = "hf"):
+                 engine: EngineSpec | str = "hf", rollout_correction: RolloutCorrectionSpec | None = None):
         super().__init__(model=model, optim=optim, eval_max_new_tokens=eval_max_new_tokens,
                          num_logged_samples=num_logged_samples, lora=lora)
         sampling = sampling or SamplingParams(temperature=1.0)
@@ -75,6 +108,8 @@ class OnlineRLModule(CausalLMModule):
             (beta == 0 and reference is not None, "reference: unused with beta 0 (no KL term); drop it or set beta"),
             (lora is not None and reference is not None, "reference: with lora the reference is the base with adapters disabled; drop it"),
             (forward_batch_size < 1, f"forward_batch_size: must be >= 1, got {forward_batch_size}"),
+            (lora is not None and lora.dropout > 0, f"lora.dropout: {lora.dropout if lora else 0} would make the "
+             "rollout's log-probs differ from the training forward's (the first ratio would not be 1); set it to 0"),
         ])
         self.sampling = sampling
         self.num_generations = num_generations
@@ -84,7 +119,11 @@ class OnlineRLModule(CausalLMModule):
             self.engine.check(build_hf_config(model, self.tokenizer), sampling)
         except (ValueError, TypeError) as e:  # TypeError: a class whose constructor does not fit
             raise ValueError(f"{type(self).__name__}.engine: {e}") from e
+        # rollout log-probs are scored in the training layout: the first update's ratio is exactly 1
+        self.engine.segments = self.training_segments
         self.forward_batch_size = forward_batch_size
+        self.rollout_correction = rollout_correction
+        self._all_truncated = 0
         self.beta, self.kl_estimator = beta, resolved_kl
         self.reference = Reference(reference or model, "adapters" if lora is not None else "copy") if beta > 0 else None
         self.automatic_optimization = False
@@ -126,12 +165,35 @@ class OnlineRLModule(CausalLMModule):
                              f"least {self.mini_batches} rows per rank and step, but a step samples {rows} ({source}); "
                              "lower mini_batches or sample more prompts per step")
 
+    def training_segments(self, n: int) -> list[tuple[int, int]]:
+        """The ``[lo, hi)`` mini-batches a rollout of ``n`` rows is trained in."""
+        return mini_batch_bounds(n, self.mini_batches)
+
     def reference_logprobs(self, rollout: RolloutBatch) -> torch.Tensor:
         """``[N, C]`` log-probs of the sampled tokens under the reference, in the training layout."""
         if self.reference is None:
             raise RuntimeError(f"{type(self).__name__}: no reference (beta is 0)")
         with self.reference.policy(self) as ref:
-            return chunked_logprobs(ref, rollout, self.sampling.temperature, self.forward_batch_size)
+            return chunked_logprobs(ref, rollout, self.sampling.temperature, self.forward_batch_size,
+                                    self.training_segments(len(rollout)))
+
+    def correction(self, rollout: RolloutBatch) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+        """``(weights [N, C] or None, mismatch metrics)`` of a rollout: the rollout-correction
+        weights when it is on, and the sampler / training-forward gap whenever the engine reports
+        the sampler's log-probs."""
+        if rollout.sampler_logprobs is None:
+            if self.rollout_correction is not None:
+                raise RuntimeError(f"{type(self).__name__}.rollout_correction: the rollout engine "
+                                   f"{type(self.engine).__name__} reports no sampler log-probs to correct with")
+            return None, {}
+        if self.rollout_correction is None:
+            metrics = mismatch_metrics(rollout.logprobs, rollout.sampler_logprobs, rollout.completion_mask)
+            metrics["masked_frac"] = torch.zeros(())
+            return None, {f"mismatch/{k}": v for k, v in metrics.items()}
+        c = self.rollout_correction
+        weights, metrics = rollout_correction(rollout.logprobs, rollout.sampler_logprobs, rollout.completion_mask,
+                                              c.level, c.mode, c.threshold)
+        return weights, {f"mismatch/{k}": v for k, v in metrics.items()}
 
     # -- rollouts and rewards ---------------------------------------------------------
     def score(self, rollout: RolloutBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -145,19 +207,28 @@ class OnlineRLModule(CausalLMModule):
 
     def sample(self, prompts: dict) -> tuple[RolloutBatch, torch.Tensor, dict]:
         """``num_generations`` scored completions per prompt: ``(rollout, total [N], each reward)``."""
-        s = self.sampling
-        sampling = SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
-                                  top_k=s.top_k, n=self.num_generations, stop_token_ids=s.stop_token_ids)
+        sampling = dataclasses.replace(self.sampling, n=self.num_generations, stop_token_ids=self.stop_ids())
         self.engine.update_weights(self.model)
         rollout = self.engine.generate(self.model, prompts, sampling)
         total, parts = self.score(rollout)
         return rollout, total, parts
 
+    def watch_truncation(self, rollout: RolloutBatch) -> None:
+        """Warn when every completion has run to ``max_new_tokens`` for several rollouts in a row:
+        the stop ids are probably not the tokens the model ends with."""
+        self._all_truncated = self._all_truncated + 1 if bool(rollout.truncated.all()) else 0
+        if self._all_truncated == TRUNCATION_WARNING_STEPS:
+            names = [self.tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids()]
+            rank_zero_warn(f"{type(self).__name__}: every completion of the last {TRUNCATION_WARNING_STEPS} rollouts "
+                           f"ran to max_new_tokens={self.sampling.max_new_tokens} without a stop token; stopping at ids "
+                           f"{self.stop_ids()} ({names}). If the model ends its answers with another token, set "
+                           "sampling.stop_token_ids (or raise max_new_tokens).")
+
     # -- the optimizer steps over a rollout ------------------------------------------------
     def optimize(self, rollout: RolloutBatch, passes: int,
                  micro_loss: Callable[[list[int], RolloutBatch, object], tuple[torch.Tensor, dict]],
-                 normalizers: Callable[[int, int], object], stepped: list[Stepped], metrics: StepMetrics
-                 ) -> dict[str, torch.Tensor]:
+                 normalizers: Callable[[int, int], object], stepped: list[Stepped], metrics: StepMetrics,
+                 loss_tokens: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``passes`` x :attr:`mini_batches` optimizer steps over ``rollout``, the one step loop of
         online RL.
 
@@ -168,12 +239,21 @@ class OnlineRLModule(CausalLMModule):
         expects one per forward; the losses of several models add up), then each stepped model is
         clipped, stepped and its schedule advanced. Returns ``metrics.result``, with each model's
         ``grad_norm`` (before clipping) and ``grad_clipped`` averaged over the steps.
+
+        ``loss_tokens`` ``[N]`` counts each row's tokens that carry loss: a mini-batch with none on
+        any rank (filler groups of a short dynamic-sampling batch, all truncated under overlong
+        filtering) takes no optimizer step at all, since Adam would still move the weights on a
+        zero gradient; ``skipped_steps`` counts them.
         """
         n = len(rollout)
         self.check_mini_batches(n)
         world = self.trainer.world_size if self._trainer is not None else 1
+        skipped = 0
         for _ in range(passes):
             for lo, hi in mini_batch_bounds(n, self.mini_batches):
+                if loss_tokens is not None and float(all_reduce(loss_tokens[lo:hi].sum().float())) == 0:
+                    skipped += 1  # the same decision on every rank: the sum is global
+                    continue
                 norms = normalizers(lo, hi)
                 for optimizer, *_ in stepped:
                     optimizer.zero_grad()
@@ -185,7 +265,9 @@ class OnlineRLModule(CausalLMModule):
                     metrics.add_step(self.clip_and_measure(optimizer, clip, name))
                     optimizer.step()
                     scheduler.step()
-        return metrics.result(world)
+        out = metrics.result(world)
+        out["skipped_steps"] = torch.tensor(float(skipped))
+        return out
 
     # -- logging ----------------------------------------------------------------------
     def rollout_metrics(self, rollout: RolloutBatch, total: torch.Tensor, parts: dict, gen_time: float,
@@ -200,6 +282,7 @@ class OnlineRLModule(CausalLMModule):
         if checker is not None:
             correct = [checker(c, m, "") for c, m in zip(rollout.completions, rollout.meta)]
             values["accuracy"] = torch.tensor(sum(correct) / max(len(correct), 1))
+        self.watch_truncation(rollout)
         lengths = rollout.lengths.float()
         values.update({
             "response_length/mean": lengths.mean(), "response_length/max": lengths.max(),

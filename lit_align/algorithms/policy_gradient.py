@@ -8,7 +8,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from lit_align.algorithms.online import OnlineRLModule
+from lit_align.algorithms.online import OnlineRLModule, RolloutCorrectionSpec
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
 from lit_align.algorithms.steps import StepMetrics
 from lit_align.distributed import all_reduce
@@ -16,7 +16,7 @@ from lit_align.losses import (ADVANTAGE_ESTIMATORS, AGG_MODES, IS_LEVELS, POLICY
                               policy_loss)
 from lit_align.models import CausalLMSpec, LoraSpec
 from lit_align.rewards import RewardSpec
-from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, chunked_logprobs, completion_logprobs
+from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, completion_logprobs
 
 
 #: Sampling rounds per step under dynamic sampling when ``max_generation_rounds`` is unset.
@@ -46,14 +46,18 @@ class PolicyGradient(OnlineRLModule):
         clip_low, clip_high: the ratio is clipped to ``[1 - clip_low, 1 + clip_high]``
             (Clip-Higher when ``clip_high > clip_low``, DAPO).
         importance_sampling_level: ``token`` (PPO/GRPO), ``sequence`` (GSPO, Zheng et al. 2025)
-            or ``sequence-token`` (GSPO-token): a name in :data:`~lit_align.losses.IS_LEVELS`.
+            (a name in :data:`~lit_align.losses.IS_LEVELS`). ``sequence`` goes with
+            ``loss_agg_mode: seq-mean-token-mean`` only (a token-sum aggregation would weight each
+            sequence's one ratio by its length); ``sequence-token`` (GSPO-token) is refused while
+            advantages are one per sequence, where it equals ``sequence``.
         policy_loss: the per-token surrogate, a name in :data:`~lit_align.losses.POLICY_LOSSES`:
             ``ppo_clip`` (the clipped surrogate) or ``dual_clip`` (Dual-clip PPO, Ye et al. 2020).
         loss_agg_mode: one of :data:`~lit_align.losses.AGG_MODES`, normalised over the whole
             optimizer step (every micro-batch and data-parallel rank).
         beta: KL coefficient; 0 builds no reference model.
         kl_estimator: ``k1``, ``k2`` or ``k3`` (Schulman 2020), per token; ``None``: ``k3``. Only
-            with ``beta > 0``.
+            with ``beta > 0``; ``k1`` only with ``kl_in_reward`` (as a loss its expected gradient is
+            0; k2 in the loss follows KL(pi || ref), k3 KL(ref || pi), see :mod:`lit_align.losses.kl`).
         kl_in_reward: subtract ``beta`` x the sequence's summed KL from its reward before the
             advantages (instead of adding ``beta`` x KL to the loss).
         reference: the frozen reference; default the initial policy (with ``lora``: the base
@@ -68,16 +72,23 @@ class PolicyGradient(OnlineRLModule):
             sec. 3.2), at most ``max_generation_rounds`` rounds; a batch still short after that is
             filled with dropped groups carrying no loss.
         max_generation_rounds: the cap on sampling rounds per step under dynamic sampling;
-            ``None``: :data:`DEFAULT_GENERATION_ROUNDS`. Only with ``dynamic_sampling``.
+            ``None``: :data:`DEFAULT_GENERATION_ROUNDS`. Only with ``dynamic_sampling``. Extra
+            prompts are never the step's own (nor an earlier round's) while unused ones remain; a
+            mini-batch left with no real row takes no optimizer step.
+        dynamic_sampling_metric: the label of the reward whose within-group variance decides
+            which groups dynamic sampling keeps (DAPO and verl filter on accuracy); ``None``: the
+            first configured reward; never the overlong penalty. Only with ``dynamic_sampling``.
         overlong_filtering: truncated completions (no EOS within ``max_new_tokens``) carry no loss
             (DAPO, sec. 3.4); they still count in their group's advantages.
         overlong_buffer: soft overlong punishment: add :func:`~lit_align.losses.overlong_penalty`
             with ``cache_len = overlong_buffer`` and ``max_len = sampling.max_new_tokens`` to the
-            reward (0: off).
+            reward (0: off; ``None``: the paper's ``max_new_tokens // 5``).
         overlong_penalty_factor: the punishment's weight in the reward; ``None``: 1. Only with
             ``overlong_buffer > 0``.
         engine: the rollout engine, ``{name, args}`` or a plain name (see
             :class:`~lit_align.algorithms.online.OnlineRLModule`).
+        rollout_correction: importance weights for the sampler / training-forward gap
+            (:class:`~lit_align.algorithms.online.RolloutCorrectionSpec`; ``None``: off).
         lora, eval_max_new_tokens, num_logged_samples: as in :class:`CausalLMModule`.
 
     Invalid combinations fail here, at construction.
@@ -90,11 +101,14 @@ class PolicyGradient(OnlineRLModule):
                  kl_estimator: str | None = None,
                  kl_in_reward: bool = False, reference: CausalLMSpec | None = None, num_iterations: int = 1,
                  mini_batches: int = 1, forward_batch_size: int = 32, dynamic_sampling: bool = False,
-                 max_generation_rounds: int | None = None, overlong_filtering: bool = False, overlong_buffer: int = 0,
+                 max_generation_rounds: int | None = None, dynamic_sampling_metric: str | None = None,
+                 overlong_filtering: bool = False, overlong_buffer: int | None = 0,
                  overlong_penalty_factor: float | None = None, engine: EngineSpec | str = "hf",
-                 lora: LoraSpec | None = None,
+                 rollout_correction: RolloutCorrectionSpec | None = None, lora: LoraSpec | None = None,
                  eval_max_new_tokens: int = 32, num_logged_samples: int = 4):
         sampling = sampling or SamplingParams(temperature=1.0)
+        if overlong_buffer is None:  # DAPO's soft band: the last fifth of the generation limit (4096 of 20480)
+            overlong_buffer = max(1, sampling.max_new_tokens // 5)
         # settings that would be silently ignored fail first, before anything is built from them
         self.check_settings([
             (overlong_buffer < 0 or overlong_buffer >= sampling.max_new_tokens, f"overlong_buffer: need 0 <= overlong_buffer < sampling.max_new_tokens ({sampling.max_new_tokens}), got {overlong_buffer}"),
@@ -103,6 +117,11 @@ class PolicyGradient(OnlineRLModule):
             (kl_estimator is not None and beta == 0, f"kl_estimator: set to {kl_estimator!r} but beta is 0 (no KL term); set beta > 0 or drop it"),
             (max_generation_rounds is not None and not dynamic_sampling, f"max_generation_rounds: set to {max_generation_rounds} but dynamic_sampling is off; turn it on or drop it"),
             (max_generation_rounds is not None and max_generation_rounds < 1, f"max_generation_rounds: must be >= 1, got {max_generation_rounds}"),
+            (dynamic_sampling_metric is not None and not dynamic_sampling, f"dynamic_sampling_metric: set to {dynamic_sampling_metric!r} but dynamic_sampling is off; turn it on or drop it"),
+            (dynamic_sampling_metric == "overlong", "dynamic_sampling_metric: groups are filtered on a correctness reward, not on the overlong penalty (DAPO and verl filter on accuracy)"),
+            (beta > 0 and kl_estimator == "k1" and not kl_in_reward, "kl_estimator: 'k1' in the loss has zero expected gradient (E[grad log pi] = 0); use k1 with kl_in_reward, or k2 / k3 in the loss"),
+            (importance_sampling_level == "sequence-token", "importance_sampling_level: 'sequence-token' (GSPO-token) equals 'sequence' while advantages are one per sequence, as they are here; use 'sequence'"),
+            (importance_sampling_level == "sequence" and loss_agg_mode != "seq-mean-token-mean", f"importance_sampling_level: 'sequence' with loss_agg_mode {loss_agg_mode!r} weights each sequence's one ratio by its length; GSPO (eq. 5) averages over sequences: use loss_agg_mode seq-mean-token-mean"),
         ])
         extra = [RewardSpec("overlong", weight=1.0 if overlong_penalty_factor is None else overlong_penalty_factor,
                             args={"max_len": sampling.max_new_tokens, "cache_len": overlong_buffer})] \
@@ -110,7 +129,8 @@ class PolicyGradient(OnlineRLModule):
         super().__init__(model=model, optim=optim, rewards=rewards, sampling=sampling, num_generations=num_generations,
                          beta=beta, kl_estimator=kl_estimator, reference=reference,
                          forward_batch_size=forward_batch_size, lora=lora, eval_max_new_tokens=eval_max_new_tokens,
-                         num_logged_samples=num_logged_samples, extra_rewards=extra, engine=engine)
+                         num_logged_samples=num_logged_samples, extra_rewards=extra, engine=engine,
+                         rollout_correction=rollout_correction)
         self.check_settings([
             (num_generations < 2, f"num_generations: need >= 2 samples per prompt for group advantages, got {num_generations}"),
             (advantage_estimator not in ADVANTAGE_ESTIMATORS, f"advantage_estimator: {advantage_estimator!r} is not one of {tuple(ADVANTAGE_ESTIMATORS)}"),
@@ -127,6 +147,11 @@ class PolicyGradient(OnlineRLModule):
         self.kl_in_reward, self.num_iterations, self.mini_batches = kl_in_reward, num_iterations, mini_batches
         self.dynamic_sampling, self.overlong_filtering = dynamic_sampling, overlong_filtering
         self.max_generation_rounds = DEFAULT_GENERATION_ROUNDS if max_generation_rounds is None else max_generation_rounds
+        # the reward groups are filtered on: the first configured one (the correctness reward) by default
+        self.dynamic_sampling_metric = dynamic_sampling_metric or self.rewards.names[0]
+        self.check_settings([
+            (self.dynamic_sampling_metric not in self.rewards.names[: len(rewards or [])], f"dynamic_sampling_metric: {self.dynamic_sampling_metric!r} is not the label of one of the configured rewards {self.rewards.names[: len(rewards or [])]}"),
+        ])
 
     def configure_optimizers(self):
         # with max_steps unset the trainer counts batches; each batch takes mu x mini_batches steps
@@ -150,16 +175,19 @@ class PolicyGradient(OnlineRLModule):
         stats = {"zero_std_groups": zero_std.float().mean(), "rounds": 1}
         if not self.dynamic_sampling:
             return rollout, total, parts, stats
+        varied = self.varied_groups(parts)
         target = rollout.num_groups
-        kept = [(rollout, total, parts, ~zero_std)]
-        n_varied, n_seen, rounds = int((~zero_std).sum()), target, 1
+        kept = [(rollout, total, parts, varied)]
+        n_varied, n_seen, rounds = int(varied.sum()), target, 1
         dm = self.trainer.datamodule if self.trainer is not None else None
+        used = list(batch.get("index", []))  # extra prompts are never the step's own again
         # every rank samples in every round: generation under sharding is collective
         while int(all_reduce(torch.tensor(n_varied), dist.ReduceOp.MIN)) < target and rounds < self.max_generation_rounds:
-            more = dm.extra_prompts(self.global_step, rounds, target)
+            more = dm.extra_prompts(self.global_step, rounds, target, exclude=used)
+            used += list(more.get("index", []))
             more = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in more.items()}
             r, t, p = self.sample(more)
-            keep = t.view(-1, g).std(-1) > 0
+            keep = self.varied_groups(p)
             kept.append((r, t, p, keep))
             n_varied += int(keep.sum())
             n_seen += r.num_groups
@@ -178,10 +206,15 @@ class PolicyGradient(OnlineRLModule):
         loss_rows = torch.zeros(len(out), dtype=torch.bool, device=self.device)
         loss_rows[: loss_groups * g] = True
         # the kept rows came from several rollouts: score them again in one training layout
-        out.logprobs = chunked_logprobs(self.model, out, self.sampling.temperature, self.forward_batch_size)
+        self.engine.score(self.model, out, self.sampling.temperature)
         stats.update(rounds=rounds, drop_rate=(n_seen - n_varied) / n_seen, surplus_groups=n_varied - loss_groups,
                      filled_groups=target - loss_groups, loss_rows=loss_rows)
         return out, total, parts, stats
+
+    def varied_groups(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[groups]`` bool: groups whose :attr:`dynamic_sampling_metric` reward is not the same
+        for every sample (the groups dynamic sampling keeps)."""
+        return parts[self.dynamic_sampling_metric].float().view(-1, self.num_generations).std(-1) > 0
 
     # -- the update -------------------------------------------------------------------
     def step_normalizers(self, loss_mask: torch.Tensor, rows: torch.Tensor | None = None
@@ -207,16 +240,19 @@ class PolicyGradient(OnlineRLModule):
 
     def micro_loss(self, rollout: RolloutBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                    advantages: torch.Tensor, loss_mask: torch.Tensor, num_tokens: torch.Tensor,
-                   num_seqs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+                   num_seqs: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch as its share of the optimizer step's loss (sums over micro-batches
-        and ranks to the step's value). All ``[n, C]`` inputs are cut to ``rollout``'s width."""
+        and ranks to the step's value). All ``[n, C]`` inputs are cut to ``rollout``'s width;
+        ``weights`` are the rollout-correction factors of the policy loss (``None``: off)."""
         c = rollout.completion_ids.shape[1]
         old_logp, loss_mask = old_logp[:, :c], loss_mask[:, :c]
+        weights = weights[:, :c] if weights is not None else None
         logp, entropy = completion_logprobs(self.model, rollout, self.sampling.temperature, with_entropy=True)
         agg = dict(agg_mode=self.loss_agg_mode, max_len=self.sampling.max_new_tokens, num_tokens=num_tokens,
                    num_seqs=num_seqs)
         loss, metrics = policy_loss(logp, old_logp, advantages, loss_mask, self.clip_low, self.clip_high,
-                                    level=self.importance_sampling_level, loss_fn=self.policy_loss, **agg)
+                                    level=self.importance_sampling_level, loss_fn=self.policy_loss, weights=weights,
+                                    **agg)
         metrics["pg_loss"] = loss.detach()
         mask = loss_mask.float()
         n = mask.sum().clamp(min=1)
@@ -237,9 +273,11 @@ class PolicyGradient(OnlineRLModule):
         ref_logp = self.reference_logprobs(rollout) if self.reference is not None else None
         loss_mask = self.loss_mask(rollout, stats.get("loss_rows"))
         advantages = self.advantages(rollout, total, ref_logp)
-        step_metrics = self.update(rollout, rollout.logprobs, ref_logp, advantages, loss_mask, stats.get("loss_rows"))
+        weights, mismatch = self.correction(rollout)
+        step_metrics = self.update(rollout, rollout.logprobs, ref_logp, advantages, loss_mask, stats.get("loss_rows"),
+                                   weights)
         t2 = time.perf_counter()
-        self.log_rollout(rollout, total, parts, stats, step_metrics, t1 - t0, t2 - t1)
+        self.log_rollout(rollout, total, parts, stats, {**step_metrics, **mismatch}, t1 - t0, t2 - t1)
 
     def advantages(self, rollout: RolloutBatch, total: torch.Tensor, ref_logp: torch.Tensor | None) -> torch.Tensor:
         """``[N]`` group-relative advantages of the rewards; with ``kl_in_reward`` each reward first
@@ -261,20 +299,22 @@ class PolicyGradient(OnlineRLModule):
         return mask
 
     def update(self, rollout: RolloutBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
-               advantages: torch.Tensor, loss_mask: torch.Tensor, loss_rows: torch.Tensor | None = None
-               ) -> dict[str, torch.Tensor]:
+               advantages: torch.Tensor, loss_mask: torch.Tensor, loss_rows: torch.Tensor | None = None,
+               weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``num_iterations`` passes of ``mini_batches`` optimizer steps over the rollout
         (``loss_rows``: the real rows, see :meth:`step_normalizers`)."""
         def normalizers(lo: int, hi: int):
             return self.step_normalizers(loss_mask[lo:hi], None if loss_rows is None else loss_rows[lo:hi])
 
         def micro(rows: list[int], chunk: RolloutBatch, norms) -> tuple[torch.Tensor, dict]:
+            extra = {} if weights is None else {"weights": weights[rows]}
             return self.micro_loss(chunk, old_logp[rows], None if ref_logp is None else ref_logp[rows],
-                                   advantages[rows], loss_mask[rows], *norms)
+                                   advantages[rows], loss_mask[rows], *norms, **extra)
 
         metrics = StepMetrics(shares=("pg_loss",), mins=("ratio_min",), maxs=("ratio_max",))
         stepped = [(self.optimizers(), self.lr_schedulers(), self.optim.grad_clip, "")]
-        return self.optimize(rollout, self.num_iterations, micro, normalizers, stepped, metrics)
+        return self.optimize(rollout, self.num_iterations, micro, normalizers, stepped, metrics,
+                             loss_tokens=loss_mask.sum(-1))
 
     # -- logging ----------------------------------------------------------------------
     def log_rollout(self, rollout: RolloutBatch, total: torch.Tensor, parts: dict, stats: dict, metrics: dict,
@@ -287,7 +327,8 @@ class PolicyGradient(OnlineRLModule):
                            "dynamic_sampling/rounds": torch.tensor(float(stats["rounds"])),
                            "dynamic_sampling/filled_groups": torch.tensor(float(stats["filled_groups"]))})
         for k, v in metrics.items():
-            values[k if k in ("kl", "entropy", "pg_loss", "grad_norm", "grad_clipped") else f"policy/{k}"] = v
+            top = k in ("kl", "entropy", "pg_loss", "grad_norm", "grad_clipped", "skipped_steps") or k.startswith("mismatch/")
+            values[k if top else f"policy/{k}"] = v
         self.log_train(values, len(rollout))
 
 

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import torch
 
-from lit_align.algorithms.online import OnlineRLModule
+from lit_align.algorithms.online import OnlineRLModule, RolloutCorrectionSpec
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
 from lit_align.algorithms.steps import StepMetrics
 from lit_align.distributed import all_reduce
 from lit_align.losses import (POLICY_LOSSES, adaptive_kl_coef, explained_variance, gae, kl_penalty, kl_shaped_rewards,
                               masked_whiten, policy_loss, value_loss)
-from lit_align.models import CausalLMSpec, LoraSpec, build_reward_model, disable_dropout, token_scores
+from lit_align.models import CausalLMSpec, LoraSpec, build_reward_model, disable_dropout, load_reward_model, token_scores
 from lit_align.rewards import RewardSpec
 from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, completion_logprobs
 
@@ -68,8 +68,9 @@ class PPO(OnlineRLModule):
         optim: the actor's optimizer, schedule and gradient clipping.
         critic_optim: the critic's (default: ``optim``).
         value_model: the critic's initialisation: a reward model export (its head included) or
-            any causal LM (a new scalar head); default the actor's weights. It must use the
-            actor's tokenizer.
+            any causal LM (a new scalar head). Default: the reward model of a ``reward_model``
+            reward when one is configured (InstructGPT, Ouyang et al. 2022, sec. 3.5), else the
+            actor's weights. It must use the actor's tokenizer.
         rewards: the score (:class:`~lit_align.rewards.RewardSpec` list, summed with weights).
         sampling: rollout sampling (``max_new_tokens``, temperature, top-p/top-k).
         num_generations: completions per prompt.
@@ -91,6 +92,7 @@ class PPO(OnlineRLModule):
         forward_batch_size: rows per forward/backward.
         reference, lora, eval_max_new_tokens, num_logged_samples, engine: as in :class:`OnlineRLModule`.
         policy_loss: the actor's per-token surrogate, a name in :data:`~lit_align.losses.POLICY_LOSSES`.
+        rollout_correction: as in :class:`~lit_align.algorithms.policy_gradient.PolicyGradient`.
 
     ``beta`` is the configured coefficient (a KL term exists when it is > 0); the coefficient in
     use is the buffer :attr:`kl_coef`, which the adaptive controller moves and checkpoints keep.
@@ -105,11 +107,11 @@ class PPO(OnlineRLModule):
                  vf_coef: float = 0.1, entropy_coef: float = 0.0, ppo_epochs: int = 4, mini_batches: int = 1,
                  forward_batch_size: int = 32, reference: CausalLMSpec | None = None, lora: LoraSpec | None = None,
                  eval_max_new_tokens: int = 32, num_logged_samples: int = 4, engine: EngineSpec | str = "hf",
-                 policy_loss: str = "ppo_clip"):
+                 policy_loss: str = "ppo_clip", rollout_correction: RolloutCorrectionSpec | None = None):
         super().__init__(model=model, optim=optim, rewards=rewards, sampling=sampling, num_generations=num_generations,
                          beta=beta, kl_estimator=kl_estimator, reference=reference,
                          forward_batch_size=forward_batch_size, lora=lora, eval_max_new_tokens=eval_max_new_tokens,
-                         num_logged_samples=num_logged_samples, engine=engine)
+                         num_logged_samples=num_logged_samples, engine=engine, rollout_correction=rollout_correction)
         self.check_settings([
             (not 0.0 <= gamma <= 1.0 or not 0.0 <= lam <= 1.0, f"gamma / lam: must be in [0, 1], got {gamma}, {lam}"),
             (not 0.0 < clip_range < 1.0, f"clip_range: must be in (0, 1), got {clip_range}"),
@@ -126,7 +128,10 @@ class PPO(OnlineRLModule):
         self.clip_range, self.clip_range_value, self.vf_coef, self.entropy_coef = clip_range, clip_range_value, vf_coef, entropy_coef
         self.ppo_epochs, self.mini_batches, self.policy_loss = ppo_epochs, mini_batches, policy_loss
         self.critic_optim = critic_optim or self.optim
-        self.value_spec = value_model or model
+        rm_paths = [spec.args.get("path") for spec in self.rewards.specs if spec.name == "reward_model"]
+        # the critic starts from the score's own reward model unless told otherwise (InstructGPT)
+        self.value_spec = value_model or (None if rm_paths else model)
+        self.value_from = None if value_model is not None or not rm_paths else str(rm_paths[0])
         self.critic = None
         self.adaptive_kl = adaptive_kl
         # the current KL coefficient: adapted during training, saved and restored with checkpoints
@@ -144,7 +149,18 @@ class PPO(OnlineRLModule):
     def configure_model(self) -> None:
         super().configure_model()
         if self.critic is None:
-            self.critic = self.shard(disable_dropout(build_reward_model(self.value_spec, self.tokenizer).train()))
+            self.critic = self.shard(disable_dropout(self.build_critic().train()))
+
+    def build_critic(self) -> torch.nn.Module:
+        """The critic: ``value_model``, or the configured reward model (head included), which must
+        share the actor's vocabulary."""
+        if self.value_from is None:
+            return build_reward_model(self.value_spec, self.tokenizer)
+        critic, tokenizer = load_reward_model(self.value_from)
+        if tokenizer.get_vocab() != self.tokenizer.get_vocab():
+            raise ValueError(f"PPO.value_model: the critic would start from the reward model {self.value_from}, whose "
+                             "tokenizer differs from the policy's; set value_model (e.g. the policy) explicitly")
+        return critic.to(next(self.model.parameters()).dtype)
 
     def configure_optimizers(self):
         # two optimizers: the trainer counts both; each steps once per mini-batch
@@ -163,8 +179,9 @@ class PPO(OnlineRLModule):
         out = torch.zeros(rollout.completion_ids.shape, device=rollout.completion_ids.device)
         was_training = self.critic.training
         self.critic.eval()
-        for rows, chunk in rollout.chunks(self.forward_batch_size):
-            out[rows[0]: rows[-1] + 1, : chunk.completion_ids.shape[1]] = completion_values(self.critic, chunk)
+        for lo, hi in self.training_segments(len(rollout)):
+            for rows, chunk in rollout.chunks(self.forward_batch_size, lo, hi):
+                out[rows[0]: rows[-1] + 1, : chunk.completion_ids.shape[1]] = completion_values(self.critic, chunk)
         self.critic.train(was_training)
         return out
 
@@ -196,7 +213,8 @@ class PPO(OnlineRLModule):
         ref_logp = self.reference_logprobs(rollout) if self.reference is not None else None
         values = self.rollout_values(rollout)
         t = self.targets(rollout, scores, ref_logp, values)
-        metrics = self.update(rollout, values, t["advantages"], t["returns"])
+        weights, mismatch = self.correction(rollout)
+        metrics = {**self.update(rollout, values, t["advantages"], t["returns"], weights), **mismatch}
         mask = rollout.completion_mask.float()
         kl_per_seq = t["kl"].sum(-1)
         stats = self.rollout_metrics(rollout, total, parts, t1 - t0, time.perf_counter() - t1)
@@ -213,8 +231,8 @@ class PPO(OnlineRLModule):
             self.kl_coef.fill_(self.adaptive_kl.update(float(self.kl_coef), mean_kl, n))
 
     def micro_losses(self, rollout: RolloutBatch, old_logp: torch.Tensor, old_values: torch.Tensor,
-                     advantages: torch.Tensor, returns: torch.Tensor, num_tokens: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+                     advantages: torch.Tensor, returns: torch.Tensor, num_tokens: torch.Tensor,
+                     weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Actor and critic losses of one micro-batch as its share of the optimizer step
         (token means over the step's ``num_tokens`` valid tokens, all ranks)."""
         c = rollout.completion_ids.shape[1]
@@ -222,8 +240,10 @@ class PPO(OnlineRLModule):
         old_logp, old_values, advantages, returns = (x[:, :c] for x in (old_logp, old_values, advantages, returns))
         logp, entropy = completion_logprobs(self.model, rollout, self.sampling.temperature, with_entropy=True,
                                             entropy_grad=self.entropy_coef > 0)
+        weights = weights[:, :c] if weights is not None else None
         pg_loss, pg = policy_loss(logp, old_logp, advantages, mask, self.clip_range, self.clip_range, level="token",
-                                  agg_mode="token-mean", num_tokens=num_tokens, loss_fn=self.policy_loss)
+                                  agg_mode="token-mean", num_tokens=num_tokens, loss_fn=self.policy_loss,
+                                  weights=weights)
         ent = (entropy * mask).sum() / num_tokens
         actor_loss = pg_loss - self.entropy_coef * ent
         values = completion_values(self.critic, rollout)
@@ -236,14 +256,15 @@ class PPO(OnlineRLModule):
         return actor_loss, critic_loss, metrics
 
     def update(self, rollout: RolloutBatch, old_values: torch.Tensor, advantages: torch.Tensor,
-               returns: torch.Tensor) -> dict[str, torch.Tensor]:
+               returns: torch.Tensor, weights: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """``ppo_epochs`` passes of ``mini_batches`` steps of both optimizers."""
         def normalizers(lo: int, hi: int) -> torch.Tensor:
             return all_reduce(rollout.completion_mask[lo:hi].sum().float()).clamp(min=1)
 
         def micro(rows: list[int], chunk: RolloutBatch, num_tokens: torch.Tensor) -> tuple[torch.Tensor, dict]:
+            extra = {} if weights is None else {"weights": weights[rows]}
             actor_loss, critic_loss, metrics = self.micro_losses(
-                chunk, rollout.logprobs[rows], old_values[rows], advantages[rows], returns[rows], num_tokens)
+                chunk, rollout.logprobs[rows], old_values[rows], advantages[rows], returns[rows], num_tokens, **extra)
             # disjoint graphs: each loss reaches only its own model, so one backward serves both
             return actor_loss + critic_loss, metrics
 

@@ -24,7 +24,8 @@ GSPO = preset(
 DAPO = preset(
     "DAPO",
     "DAPO (Yu et al. 2025): Clip-Higher (0.2 / 0.28), token-level loss, no KL, dynamic sampling,\n"
-    "overlong filtering and soft overlong punishment (buffer 4 tokens below max_new_tokens).",
+    "overlong filtering and soft overlong punishment over the last fifth of max_new_tokens (the paper's\n"
+    "4,096 of 20,480 tokens; ``overlong_buffer: null`` resolves to max_new_tokens // 5).",
     importance_sampling_level="token", loss_agg_mode="token-mean", beta=0.0, clip_low=0.2, clip_high=0.28,
-    dynamic_sampling=True, overlong_filtering=True, overlong_buffer=4,
+    dynamic_sampling=True, overlong_filtering=True, overlong_buffer=None,
 )

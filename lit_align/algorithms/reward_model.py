@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 from lit_align.algorithms.base import CausalLMModule
 from lit_align.algorithms.optim import OptimSpec
 from lit_align.losses import bradley_terry_loss
-from lit_align.models import CausalLMSpec
+from lit_align.models import CausalLMSpec, disable_dropout
 from lit_align.models.reward import build_reward_model, sequence_scores
 
 PAIR_METRICS = ("loss", "accuracy", "margin", "chosen_score", "rejected_score")
@@ -45,12 +45,14 @@ class RewardModel(CausalLMModule):
             et al. 2023), which PPO's reward scale relies on; 0 disables it.
         use_margin: subtract the data's per-pair ``margin`` column inside the sigmoid when present.
         num_logged_samples: pairs written to TensorBoard as text, with their scores, at each validation.
+        disable_dropout: set the model's dropout to 0 (as TRL does): the two sides of a pair are then
+            scored by the same function.
     """
 
     monitor = ("val/accuracy", "max")  # a reward model does not generate
 
     def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, center_coef: float = 0.0,
-                 use_margin: bool = True, num_logged_samples: int = 4):
+                 use_margin: bool = True, num_logged_samples: int = 4, disable_dropout: bool = True):
         if center_coef < 0:
             raise ValueError(f"RewardModel.center_coef: {center_coef} must be >= 0")
         if num_logged_samples < 0:
@@ -61,6 +63,7 @@ class RewardModel(CausalLMModule):
         self.save_hyperparameters()
         self.center_coef = center_coef
         self.use_margin = use_margin
+        self.disable_dropout = disable_dropout
         # flat keys: a ModuleDict cannot hold a "train" key (nn.Module.train)
         self.pair_metrics = nn.ModuleDict({f"{stage}_{name}": MeanMetric() for stage in ("train", "val", "test")
                                            for name in PAIR_METRICS})
@@ -68,8 +71,10 @@ class RewardModel(CausalLMModule):
     def configure_model(self) -> None:
         if self.model is None:
             self.model = build_reward_model(self.spec, self.tokenizer)
-            # from_pretrained returns eval mode; train like a freshly built model (dropout on where the
-            # architecture has it) and let Lightning switch to eval for validation.
+            # from_pretrained returns eval mode; train like a freshly built model and let Lightning
+            # switch to eval for validation; dropout off unless asked (as TRL's RewardTrainer)
+            if self.disable_dropout:
+                disable_dropout(self.model)
             self.model = self.shard(self.model.train())
 
     def score_generations(self, batch: dict, stage: str, batch_idx: int) -> None:

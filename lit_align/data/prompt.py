@@ -221,15 +221,17 @@ class PromptDataModule(TextDataModule):
         rows = [p[0] for p in packs]
         batch = collate_generation(rows, self.tokenizer.pad_token_id)
         batch["prompts"] = [r["prompt"] for r in rows]
+        batch["index"] = [r["index"] for r in rows]  # rows of the training split (dynamic sampling excludes them)
         return batch
 
     def eval_collate(self, packs: list[list[dict]]) -> dict:
         return self.collate(packs)
 
-    def extra_prompts(self, step: int, round: int, n: int) -> dict:
+    def extra_prompts(self, step: int, round: int, n: int, exclude=()) -> dict:
         """A batch of ``n`` training prompts (keys as :meth:`collate`) for dynamic sampling,
         drawn from ``(seed, step, round, global rank)`` only, so a resumed run draws the same
-        ones. Prompts are distinct within a draw unless ``n`` exceeds the training set."""
+        ones. Prompts are distinct within a draw, and none of ``exclude`` (row indices: the
+        step's own prompts and earlier rounds'), unless ``n`` exceeds the training rows left."""
         if "train" not in self.encoded:
             raise RuntimeError("extra_prompts: call setup() first")
         if n < 1:
@@ -237,7 +239,9 @@ class PromptDataModule(TextDataModule):
         rank = self.trainer.global_rank if self.trainer is not None else 0
         rows = self.encoded["train"]
         rng = random.Random(f"extra_prompts:{self.hparams.seed}:{step}:{round}:{rank}")  # str seeds hash stably
-        picks: list[int] = []
-        while len(picks) < n:
+        taken = {int(i) for i in exclude}
+        fresh = [i for i in range(len(rows)) if i not in taken]
+        picks = rng.sample(fresh, min(n, len(fresh)))
+        while len(picks) < n:  # fewer fresh rows than asked: repeat, never more often than needed
             picks += rng.sample(range(len(rows)), min(n - len(picks), len(rows)))
         return self.collate([[rows[i]] for i in picks])

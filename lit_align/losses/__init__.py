@@ -9,7 +9,7 @@ registered function and its test."""
 from lit_align.losses.advantages import (ADVANTAGE_ESTIMATORS, ADVANTAGE_SCALES, gae, group_advantages, masked_whiten,
                                          register_advantage_estimator)
 from lit_align.losses.aggregation import AGG_MODES, aggregate_loss, register_agg_mode
-from lit_align.losses.correction import CORRECTION_LEVELS, CORRECTION_MODES, rollout_correction
+from lit_align.losses.correction import CORRECTION_LEVELS, CORRECTION_MODES, mismatch_metrics, rollout_correction
 from lit_align.losses.kl import KL_ESTIMATORS, adaptive_kl_coef, kl_penalty, register_kl_estimator
 from lit_align.losses.logprobs import token_entropy, token_logprobs
 from lit_align.losses.policy import IS_LEVELS, POLICY_LOSSES, policy_loss, register_is_level, register_policy_loss
@@ -22,7 +22,7 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS", "ADVANTAGE_SCALES", "AGG_MODES", "CORRECTION_LEVELS", "CORRECTION_MODES", "DPO_LOSS_TYPES",
     "IS_LEVELS", "KL_ESTIMATORS", "POLICY_LOSSES", "PREFERENCE_LOSSES",
     "adaptive_kl_coef", "aggregate_loss", "bradley_terry_loss", "dpo_loss", "explained_variance", "gae",
-    "group_advantages", "kl_penalty", "kl_shaped_rewards", "masked_whiten", "overlong_penalty", "policy_loss",
+    "group_advantages", "kl_penalty", "kl_shaped_rewards", "masked_whiten", "mismatch_metrics", "overlong_penalty", "policy_loss",
     "register_advantage_estimator", "register_agg_mode", "register_is_level", "register_kl_estimator",
     "register_policy_loss", "register_preference_loss", "rollout_correction", "token_entropy", "token_logprobs",
     "value_loss",

@@ -17,6 +17,21 @@ CORRECTION_LEVELS = ("token", "sequence", "geometric")
 CORRECTION_MODES = ("truncate", "mask")
 
 
+def mismatch_metrics(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """How far the sampler's log-probs are from the training forward's, over masked tokens:
+    ``kl`` (k3 estimate of KL(sampler || training forward), samples being the sampler's),
+    ``ratio_mean`` and ``ratio_max`` of ``exp(logp - sampler_logp)``; all ``[B, T]`` in, detached
+    scalars out."""
+    with torch.no_grad():
+        m = mask.to(torch.float32)
+        log_ratio = ((logp.float() - sampler_logp.float()) * m).clamp(min=-20.0, max=20.0)
+        n = m.sum().clamp(min=1.0)
+        ratio = torch.exp(log_ratio)
+        valid = m > 0
+        return {"kl": ((ratio - 1.0 - log_ratio) * m).sum() / n, "ratio_mean": (ratio * m).sum() / n,
+                "ratio_max": ratio[valid].max() if valid.any() else ratio.new_tensor(1.0)}
+
+
 def rollout_correction(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: torch.Tensor, level: str = "token",
                        mode: str = "truncate", threshold: float = 2.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token importance weights ``[B, T]`` (no gradient) from ``ratio = exp(logp - sampler_logp)``.
@@ -62,14 +77,6 @@ def rollout_correction(logp: torch.Tensor, sampler_logp: torch.Tensor, mask: tor
         else:
             weights = (~over).to(torch.float32)
         weights = weights * m
-        n = m.sum().clamp(min=1.0)
-        token_ratio = torch.exp(log_ratio.clamp(max=20.0))
-        neg = -log_ratio.clamp(min=-20.0, max=20.0)
-        valid = m > 0
-        metrics = {
-            "kl": ((torch.exp(-neg) - 1.0 + neg) * m).sum() / n,
-            "ratio_mean": (token_ratio * m).sum() / n,
-            "ratio_max": token_ratio[valid].max() if valid.any() else token_ratio.new_tensor(1.0),
-            "masked_frac": over.to(torch.float32).sum() / n,
-        }
+        metrics = mismatch_metrics(logp, sampler_logp, mask)
+        metrics["masked_frac"] = over.to(torch.float32).sum() / m.sum().clamp(min=1.0)
     return weights, metrics

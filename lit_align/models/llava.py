@@ -144,6 +144,9 @@ class LlavaModel(nn.Module):
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                                    position_ids=position_ids, **kwargs)
 
+    #: ``generate`` returns the new tokens only (read by :func:`lit_align.rollout.hf_generate`)
+    generate_returns_prompt = False
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor | None = None,
                  image_counts: torch.Tensor | Sequence[int] | None = None, **gen_kwargs: Any):

@@ -92,7 +92,7 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     return captured[-1].squeeze(-1)
 
 
-def load_reward_model(path: str, dtype: str | None = None, padding_side: str = "right"
+def load_reward_model(path: str, dtype: str | None = None, padding_side: str = "right", tokenizer: str | None = None
                       ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A trained reward model and its tokenizer, in eval mode, from either
 
@@ -104,6 +104,8 @@ def load_reward_model(path: str, dtype: str | None = None, padding_side: str = "
     Args:
         dtype: ``float32`` / ``bfloat16`` / ``float16`` to cast to (``None``: as stored).
         padding_side: of the returned tokenizer.
+        tokenizer: load the tokenizer from here instead (a hub id, a directory or ``"byte"``):
+            for an export whose tokenizer files name a class this transformers lacks.
     """
     if dtype is not None and dtype not in _DTYPES:
         raise ValueError(f"load_reward_model: dtype {dtype!r} is not one of {sorted(_DTYPES)}")
@@ -118,7 +120,7 @@ def load_reward_model(path: str, dtype: str | None = None, padding_side: str = "
                              f"num_labels={config.num_labels}, not a reward model (a *ForSequenceClassification "
                              "with one label); to start a reward model from a causal LM, train RewardModel on it")
         model = AutoModelForSequenceClassification.from_pretrained(path)
-        tokenizer = build_tokenizer(path, padding_side=padding_side)
+        tokenizer = build_tokenizer(tokenizer or path, padding_side=padding_side)
     elif os.path.isfile(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
         hparams = checkpoint.get("hyper_parameters", {})
@@ -132,7 +134,7 @@ def load_reward_model(path: str, dtype: str | None = None, padding_side: str = "
                             f"(class {class_path!r}, model spec {type(spec).__name__})")
         if not isinstance(spec, CausalLMSpec) or not class_path.endswith("RewardModel"):
             raise not_rm
-        tokenizer = build_tokenizer(spec.tokenizer_name, padding_side=padding_side,
+        tokenizer = build_tokenizer(tokenizer or spec.tokenizer_name, padding_side=padding_side,
                                     trust_remote_code=spec.trust_remote_code)
         model = build_reward_model(spec, tokenizer)
         # The LightningModule holds the HF model as `self.model`: its keys carry a "model." prefix.

@@ -65,3 +65,19 @@ def build_tokenizer(name_or_path: str | None, padding_side: str = "right", trust
         tokenizer.chat_template = BYTE_CHAT_TEMPLATE
     tokenizer.padding_side = padding_side
     return tokenizer
+
+
+def end_of_turn_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The special token the chat template ends an assistant turn with (``<|im_end|>`` for ChatML,
+    ``<|eot_id|>`` for Llama 3, the EOS for the built-in byte template), found by rendering a
+    short conversation and reading what follows the assistant's text; empty when that is not a
+    special token (or the template cannot render it)."""
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "ping"},
+                                              {"role": "assistant", "content": "pong"}], tokenize=False)
+    except Exception:  # a template that refuses this conversation has no end of turn to learn
+        return []
+    tail = text[text.rfind("pong") + len("pong"):]
+    ids = tokenizer(tail, add_special_tokens=False).input_ids if tail else []
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    return [ids[0]] if ids and ids[0] in special else []

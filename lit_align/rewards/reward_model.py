@@ -21,7 +21,10 @@ class RewardModelReward:
     pair for reward-model training (:func:`lit_align.data.encode.tokenize_segments`): the
     tokenizer's BOS if it adds one, the prompt's tokens, the completion's tokens, then EOS
     unless the completion already contains it. The rollout's completions are decoded without
-    their EOS; putting it back scores the sequence at the token where the model learnt to.
+    their EOS; putting it back scores the sequence at the token where the model learnt to. A
+    truncated completion (no stop token within the limit, ``context["truncated"]``) is scored as
+    it is, without an EOS it never produced (PPO's ``missing_eos_penalty`` is the place to
+    punish it).
 
     Args:
         path: an HF export directory of a reward model or a Lightning ``.ckpt`` of
@@ -30,12 +33,15 @@ class RewardModelReward:
         dtype: ``float32`` / ``bfloat16`` / ``float16`` to cast the model to (``None``: as stored).
         max_length: keep at most this many tokens per sequence, cutting the prompt from the
             left as preference-data truncation does (``None``: no limit).
+        tokenizer: where to load the tokenizer from instead of ``path`` (a hub id, a directory or
+            ``"byte"``), e.g. for an export whose tokenizer files name a class transformers lacks.
 
     The model is loaded by :meth:`setup` (onto its device) or at the first call (on CPU), and
     kept frozen in eval mode; the scores are float32 ``[N]`` on CPU.
     """
 
-    def __init__(self, path: str, batch_size: int = 32, dtype: str | None = None, max_length: int | None = None):
+    def __init__(self, path: str, batch_size: int = 32, dtype: str | None = None, max_length: int | None = None,
+                 tokenizer: str | None = None):
         path = os.fspath(path)
         if not os.path.exists(path):
             raise ValueError(f"reward_model: path {path!r} does not exist (expected a reward model's HF export "
@@ -45,6 +51,7 @@ class RewardModelReward:
         if max_length is not None and max_length < 2:
             raise ValueError(f"reward_model: max_length must be >= 2, got {max_length}")
         self.path, self.batch_size, self.dtype, self.max_length = path, batch_size, dtype, max_length
+        self.tokenizer_source = tokenizer
         self.model = None
         self.tokenizer = None
         self.device = torch.device("cpu")
@@ -54,16 +61,21 @@ class RewardModelReward:
         if device is not None:
             self.device = torch.device(device)
         if self.model is None:
-            self.model, self.tokenizer = load_reward_model(self.path, dtype=self.dtype, padding_side="right")
+            self.model, self.tokenizer = load_reward_model(self.path, dtype=self.dtype, padding_side="right",
+                                                           tokenizer=self.tokenizer_source)
             self.model.requires_grad_(False)
         self.model.to(self.device)
 
-    def encode(self, prompt: str, completion: str) -> list[int]:
-        """Token ids of the scored sequence: [BOS] + prompt + completion + EOS."""
+    def encode(self, prompt: str, completion: str, truncated: bool = False) -> list[int]:
+        """Token ids of the scored sequence: [BOS] + prompt + completion + EOS (no EOS when the
+        completion was truncated)."""
         if self.tokenizer is None:
             self.setup()
         ids, labels, start = tokenize_segments([Segment(prompt, train=False), Segment(completion, train=True)],
                                                self.tokenizer)
+        if truncated and ids and ids[-1] == self.tokenizer.eos_token_id and not completion.endswith(
+                self.tokenizer.eos_token or "\0"):
+            ids = ids[:-1]
         if self.max_length is not None and len(ids) > self.max_length:
             cut = min(len(ids) - self.max_length, max(start - 1, 0))  # keep a token of context before the response
             ids = ids[cut:][: self.max_length]
@@ -72,7 +84,8 @@ class RewardModelReward:
     def __call__(self, prompts: list[str], completions: list[str], meta: list[dict], **context) -> torch.Tensor:
         if self.model is None:
             self.setup()
-        sequences = [self.encode(p, c) for p, c in zip(prompts, completions)]
+        truncated = context.get("truncated") or [False] * len(completions)
+        sequences = [self.encode(p, c, t) for p, c, t in zip(prompts, completions, truncated)]
         pad = self.tokenizer.pad_token_id
         scores: list[float] = []
         with torch.inference_mode():

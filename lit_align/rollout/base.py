@@ -55,6 +55,18 @@ class SamplingParams:
         return list(self.stop_token_ids) or [tokenizer.eos_token_id]
 
 
+def default_stop_ids(tokenizer, generation_config=None, end_of_turn: list[int] | tuple[int, ...] = ()) -> list[int]:
+    """The ids a completion stops at when ``SamplingParams.stop_token_ids`` is empty: the tokenizer's
+    EOS, every id of the checkpoint's ``generation_config.eos_token_id`` (an int or a list, as
+    Llama 3's ``[<|end_of_text|>, <|eot_id|>]``), and ``end_of_turn`` (the chat template's
+    end-of-turn ids, for data rendered with it), in that order without repeats."""
+    ids: list[int] = [tokenizer.eos_token_id]
+    eos = getattr(generation_config, "eos_token_id", None)
+    ids += [eos] if isinstance(eos, int) else list(eos or [])
+    ids += list(end_of_turn)
+    return [i for i in dict.fromkeys(ids) if isinstance(i, int) and i >= 0]
+
+
 @dataclass
 class EngineSpec:
     """Which rollout engine an online module builds, as YAML gives it (``engine: {name: vllm, args: {...}}``).
@@ -88,6 +100,19 @@ class RolloutEngine(abc.ABC):
             raise ValueError(f"logprob_batch_size: must be >= 1, got {logprob_batch_size}")
         self.tokenizer = tokenizer
         self.logprob_batch_size = logprob_batch_size
+        #: ``n -> [(lo, hi), ...]``, the mini-batches a module trains a rollout of ``n`` rows in
+        #: (set by the module); ``None``: one segment.
+        self.segments: Callable[[int], list[tuple[int, int]]] | None = None
+
+    def score(self, model: torch.nn.Module, rollout: RolloutBatch, temperature: float) -> None:
+        """Set ``rollout.logprobs`` to the training forward's log-probs of the sampled tokens
+        (:func:`~lit_align.rollout.chunked_logprobs` at ``temperature``, 1 for greedy), in the
+        training layout (``logprob_batch_size`` rows per forward within each of :attr:`segments`),
+        so that the first update's importance ratio is exactly 1."""
+        from lit_align.rollout.hf import chunked_logprobs
+
+        segments = self.segments(len(rollout)) if self.segments is not None else None
+        rollout.logprobs = chunked_logprobs(model, rollout, temperature, self.logprob_batch_size, segments)
 
     def check(self, model_config, sampling: SamplingParams) -> None:
         """Raise ``ValueError`` for a model or sampling setting this engine cannot serve.
@@ -117,9 +142,12 @@ class RolloutEngine(abc.ABC):
             sampling: temperature, top-p/top-k, ``max_new_tokens`` and ``n``.
         Returns:
             A :class:`RolloutBatch` of ``B * n`` rows, the ``n`` samples of a prompt consecutive
-            (``group_size = n``), whose ``logprobs`` ``[B * n, C]`` are
-            :func:`~lit_align.rollout.chunked_logprobs` of ``model`` at ``sampling.temperature``
-            (temperature 0 scores at 1), so that the first update's importance ratio is 1.
+            (``group_size = n``), whose ``logprobs`` ``[B * n, C]`` are set by :meth:`score` (the
+            training forward's, in the training layout, so that the first update's importance
+            ratio is 1) and whose ``sampler_logprobs`` are the sampler's own log-probs of the same
+            tokens as it computed them (its kernels, precision and processing), or ``None`` for
+            an engine that cannot report them. Completions end at the first of
+            ``sampling.stop_ids(tokenizer)``.
         """
 
 

@@ -23,7 +23,7 @@ import torch.distributed as dist
 from lit_align.models import is_peft
 from lit_align.rollout.base import RolloutEngine, SamplingParams, register_engine
 from lit_align.rollout.batch import RolloutBatch
-from lit_align.rollout.hf import chunked_logprobs, completion_masks, decode_completions
+from lit_align.rollout.hf import completion_masks, decode_completions
 from lit_align.rollout.weights import policy_weights
 
 #: lit_align's sampling settings and the name vLLM's ``SamplingParams`` gives each of them.
@@ -363,5 +363,5 @@ class VLLMEngine(RolloutEngine):
             meta=[m for m in prompts.get("meta", [{}] * b) for _ in range(n)],
             group_size=n, sampler_logprobs=(sampler * mask).to(device),
         ).trimmed()
-        rollout.logprobs = chunked_logprobs(model, rollout, sampling.temperature, self.logprob_batch_size)
+        self.score(model, rollout, sampling.temperature)
         return rollout

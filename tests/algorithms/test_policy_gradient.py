@@ -14,9 +14,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 
-from lit_align import DAPO, GRPO, GSPO, PPO, CausalLMSpec, OptimSpec, PolicyGradient
+from lit_align import DAPO, GRPO, GSPO, PPO, CausalLMSpec, LoraSpec, OptimSpec, PolicyGradient
 from lit_align.algorithms.policy_gradient import DEFAULT_GENERATION_ROUNDS
-from lit_align.losses import AGG_MODES, IS_LEVELS, aggregate_loss, group_advantages
+from lit_align.losses import AGG_MODES, aggregate_loss, group_advantages
 from lit_align.rewards import RewardSpec
 from lit_align.rollout import (RolloutBatch, RolloutEngine, SamplingParams, chunked_logprobs, completion_masks,
                                decode_completions)
@@ -153,7 +153,8 @@ def test_presets_carry_their_papers_defaults_and_accept_overrides():
     assert dapo.rewards.names[-1] == "overlong" and dapo.rewards.weights[-1] == 1.0  # soft overlong punishment
     assert dapo.max_generation_rounds == DEFAULT_GENERATION_ROUNDS
     assert GRPO(model=spec, rewards=rewards, beta=0.0).hparams.beta == 0.0  # no KL: no estimator to reject
-    assert GRPO(model=spec, rewards=rewards, kl_estimator="k1").kl_estimator == "k1"
+    assert GRPO(model=spec, rewards=rewards, kl_estimator="k2").kl_estimator == "k2"
+    assert GRPO(model=spec, rewards=rewards, kl_estimator="k1", kl_in_reward=True).kl_estimator == "k1"
     assert DAPO(model=spec, rewards=rewards, overlong_buffer=0).rewards.names == ["arith_match"]
     assert DAPO(model=spec, rewards=rewards, overlong_penalty_factor=0.5).rewards.weights[-1] == 0.5
     assert DAPO(model=spec, rewards=rewards, max_generation_rounds=2).max_generation_rounds == 2
@@ -257,8 +258,11 @@ def _grads(m, rollout, adv, batch_size, ref=None):
     return torch.cat([p.grad.flatten() for p in m.model.parameters()])
 
 
-@pytest.mark.parametrize("level", IS_LEVELS)
-@pytest.mark.parametrize("agg", AGG_MODES)
+# the combinations PolicyGradient accepts: GSPO's sequence ratio goes with a mean over sequences
+VALID_LEVEL_AGG = [("token", agg) for agg in AGG_MODES] + [("sequence", "seq-mean-token-mean")]
+
+
+@pytest.mark.parametrize("level, agg", VALID_LEVEL_AGG)
 def test_one_micro_batch_equals_several(agg, level):
     """Normalised over the whole step, 16 rows in one forward or in four give the same gradient
     (off-policy old log-probs so that clipping is active somewhere; KL term in the loss)."""
