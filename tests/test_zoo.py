@@ -264,7 +264,7 @@ def test_instruction_data_has_at_most_one_bos(zoo, name, tmp_path):
     tok, encoded = _encoded_row(zoo, name, tmp_path)
     for enc in encoded:
         assert tok.bos_token_id is None or enc["input_ids"].count(tok.bos_token_id) == 1
-        if tok.bos_token_id is not None:  # Llama 3: the template's BOS, first, and the tokenizer adds none
+        if tok.bos_token_id is not None:  # Llama 3: the template's BOS, first, with no tokenizer BOS before it
             assert enc["input_ids"][0] == enc["prompt_ids"][0] == tok.bos_token_id
 
 

@@ -158,7 +158,7 @@ def _apply_template(tokenizer, messages: list[dict], where: Where, field: str, g
                                                 add_generation_prompt=generation_prompt,
                                                 **tokenizer.special_tokens_map)
             return rendered[0]
-    except Exception as e:  # jinja's TemplateError (raise_exception in a template), ValueError, TypeError, ...
+    except Exception as e:  # noqa: BLE001 - a template may raise anything (jinja's TemplateError, ValueError)
         what = ("an empty conversation: the first turn is the assistant's, and the template cannot render the"
                 " generation prompt before it (start with a user turn, or give a non-empty prompt)") if not messages \
             else f"turns {[m['role'] for m in messages]}"

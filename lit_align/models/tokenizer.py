@@ -71,7 +71,7 @@ def build_tokenizer(name_or_path: str | None, padding_side: str = "right", trust
 # Assistant contents of the probe conversation: text no template writes itself, with no
 # whitespace at either end for templates that trim contents.
 _PROBE_TURNS = ("lit-align probe answer one", "lit-align probe answer two")
-_END_OF_TURN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (settings, ids)
+_END_OF_TURN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (settings, ids)
 
 
 def special_ids(tokenizer) -> set[int]:
@@ -118,7 +118,7 @@ def end_of_turn_ids(tokenizer) -> list[int]:
         try:
             text = tokenizer.apply_chat_template(conversation, tokenize=False)
             break
-        except Exception as e:  # jinja's TemplateError (raise_exception in a template), ValueError, ...
+        except Exception as e:  # noqa: BLE001 - a template may raise anything (jinja's TemplateError, ValueError)
             errors.append(f"{type(e).__name__}: {e}")
     else:
         raise ValueError(f"end_of_turn_ids: the chat template cannot render a user / assistant conversation"

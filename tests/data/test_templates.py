@@ -14,10 +14,16 @@ import datasets
 import pytest
 
 from lit_align.data import InstructionDataModule, PreferenceDataModule, PromptDataModule
-from lit_align.data.encode import IGNORE_INDEX, encode_segments, reference_text
+from lit_align.data.encode import IGNORE_INDEX, encode_segments, reference_text, tokenize_segments
 from lit_align.data.formats import Segment
 from lit_align.models import CausalLMSpec, build_tokenizer, load_tokenizer
-from tests.data.util import byte_ids, byte_tokenizer, label_spans, raises_located, write_jsonl
+from tests.data.util import (
+    byte_ids,
+    byte_tokenizer,
+    label_spans,
+    raises_located,
+    write_jsonl,
+)
 
 QWEN_SYSTEM = "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
 ONE = [{"role": "user", "content": "What is 37+58?"}, {"role": "assistant", "content": "59"}]
@@ -112,8 +118,8 @@ GREETING = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": 
 
 
 @pytest.mark.parametrize("name, head", [("qwen2_base", QWEN_SYSTEM + "<|im_start|>assistant\n"),
-                                        ("llama3_instruct", "<|begin_of_text|><|start_header_id|>assistant"
-                                                            "<|end_header_id|>\n\n"),
+                                        ("llama3_instruct", ("<|begin_of_text|><|start_header_id|>assistant"
+                                                             "<|end_header_id|>\n\n")),
                                         ("gpt2", "<|assistant|>\n")])
 def test_a_conversation_may_open_with_the_assistant(tokenizers, tmp_path, name, head):
     tok = tokenizers[name]
@@ -191,7 +197,8 @@ def test_left_truncation_keeps_llama3s_bos_in_every_data_module(tokenizers, tmp_
     # the template wrote its BOS as text, so the prompt text keeps it; the tokenizer's own BOS is not text
     assert templated["prompt"].startswith("<|begin_of_text|>") and templated["prompt"].count("<|begin_of_text|>") == 1
     assert not plain["prompt"].startswith("<|begin_of_text|>") and plain["prompt"].endswith("37+58=")
-    assert tok(plain["prompt"]).input_ids == plain["prompt_ids"]
+    assert tok(plain["prompt"]).input_ids == plain["prompt_ids"]  # re-tokenized as the rewards do: the same ids
+    assert tokenize_segments([Segment(templated["prompt"], False)], tok)[0] == templated["prompt_ids"]
 
 
 # -- one generation prompt everywhere -------------------------------------------------------------------------------
@@ -258,7 +265,7 @@ def test_chat_templated_is_true_when_any_split_is_and_unknown_before_setup():
 
     dm = PromptDataModule(task=ArithTask(digits=1, train_size=8, val_size=2), max_length=64)
     with pytest.raises(RuntimeError, match=r"PromptDataModule.chat_templated: call setup\(\) first"):
-        dm.chat_templated
+        _ = dm.chat_templated
     assert setup_module_with(dm, byte_tokenizer()).chat_templated is False
     # a split of a file with other columns (one file per builder cannot mix string and list prompts)
     (row,) = dm.encode_split(datasets.Dataset.from_list([{"prompt": CHAT_ROW[:1], "answer": "4"}]), "test", "extra")
