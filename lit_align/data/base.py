@@ -45,7 +45,8 @@ class TextDataModule(L.LightningDataModule):
     The tokenizer comes from the LightningModule (``model.tokenizer``) at ``setup``,
     so model and data always agree; set ``tokenizer`` by hand to use the module alone.
     After ``setup``, ``stats`` holds counts to log: ``data/<split>_rows`` and the truncated
-    and dropped rows per split.
+    and dropped rows per split, and :attr:`chat_templated` says whether the tokenizer's chat
+    template rendered any row (so generation must also stop at its end-of-turn token).
     """
 
     row_kind = "instruction"  # which rows a built-in task yields for this module
@@ -69,12 +70,25 @@ class TextDataModule(L.LightningDataModule):
         self.tokenizer = None
         self.encoded: dict[str, list[dict]] = {}
         self.stats: dict[str, int] = {}
+        self._chat_templated: bool | None = None
+
+    @property
+    def chat_templated(self) -> bool:
+        """Whether any kept row of any split was rendered with the tokenizer's chat template
+        (conversational rows; prompts with ``chat_template`` set). When true, a generation
+        from these rows ends its turn with the template's end-of-turn token
+        (:func:`~lit_align.models.tokenizer.end_of_turn_ids`), which the online RL modules add
+        to the stop ids. Known after :meth:`setup`; before, a ``RuntimeError``."""
+        if self._chat_templated is None:
+            raise RuntimeError(f"{type(self).__name__}.chat_templated: call setup() first")
+        return self._chat_templated
 
     # -- to define in subclasses ----------------------------------------------------
     def encode_row(self, row: dict, fmt: str, where: Where) -> dict:
         """One encoded row (with ``length`` and ``num_labels``, and optionally ``truncated``: the
-        parts cut to fit, among ``"prompt"`` and ``"response"``, which are counted and removed);
-        raise :class:`Dropped` to skip it."""
+        parts cut to fit, among ``"prompt"`` and ``"response"``, which are counted and removed,
+        and ``templated``: whether the chat template rendered the row, recorded in
+        :attr:`chat_templated` and removed); raise :class:`Dropped` to skip it."""
         raise NotImplementedError
 
     def row_format(self, columns: list[str]) -> str:
@@ -118,6 +132,7 @@ class TextDataModule(L.LightningDataModule):
             raise DataError(f"{source} [{split}]: {e}") from None
         used = self.used_columns()
         out, dropped, cut = [], Counter(), Counter()
+        templated = False
         for i, row in enumerate(dataset):
             where = Where(source, split, row.pop(ROW_COLUMN, i))  # the row's number in the source
             try:
@@ -126,6 +141,7 @@ class TextDataModule(L.LightningDataModule):
                 dropped[d.reason] += 1
                 continue
             cut.update(enc.pop("truncated", ()))
+            templated |= bool(enc.pop("templated", False))
             enc["meta"] = {k: v for k, v in row.items() if k not in used and isinstance(v, SCALARS)}
             enc["index"] = len(out)  # the row's position in its encoded split: a key for per-row state
             out.append(enc)
@@ -144,6 +160,7 @@ class TextDataModule(L.LightningDataModule):
             rank_zero_info(f"{source} [{split}]: " + "; ".join(notes))
         if not out:
             raise DataError(f"{source} [{split}]: no usable rows (dropped: {dict(dropped)})")
+        self._chat_templated = bool(self._chat_templated) or templated
         return out
 
     def setup(self, stage: str | None = None) -> None:

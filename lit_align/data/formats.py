@@ -34,8 +34,18 @@ class DataError(ValueError):
 
 @dataclass
 class Segment:
+    """A span of an example's text.
+
+    ``train``: the span is a completion / assistant turn, whose tokens carry labels.
+    ``templated``: the span was rendered by the tokenizer's chat template
+    (:func:`render_messages`), so a trained span already holds the template's end of turn
+    and gets no EOS appended after it; plain text (string prompt/completion, Alpaca) is
+    ``False``.
+    """
+
     text: str
     train: bool
+    templated: bool = False
 
 
 @dataclass
@@ -130,31 +140,59 @@ def normalize_messages(messages: Any, field: str, where: Where, role_key: str = 
     return out
 
 
+def _apply_template(tokenizer, messages: list[dict], where: Where, field: str, generation_prompt: bool) -> str:
+    """The chat template's text of ``messages``; a template that refuses them is a located error.
+
+    An empty conversation (the generation prompt before a first assistant turn), which
+    ``apply_chat_template`` refuses in recent transformers, is rendered by the same jinja
+    renderer directly, as long as the template itself can render it."""
+    try:
+        if messages:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        try:
+            return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        except ValueError:
+            from transformers.utils.chat_template_utils import render_jinja_template
+
+            rendered, _ = render_jinja_template(conversations=[[]], chat_template=tokenizer.get_chat_template(),
+                                                add_generation_prompt=generation_prompt,
+                                                **tokenizer.special_tokens_map)
+            return rendered[0]
+    except Exception as e:  # noqa: BLE001 - a template may raise anything (jinja's TemplateError, ValueError)
+        what = ("an empty conversation: the first turn is the assistant's, and the template cannot render the"
+                " generation prompt before it (start with a user turn, or give a non-empty prompt)") if not messages \
+            else f"turns {[m['role'] for m in messages]}"
+        raise where(field, f"the chat template cannot render {what}: {type(e).__name__}: {e}") from None
+
+
 def render_messages(messages: list[dict], tokenizer, where: Where, field: str, train_from: int = 0) -> list[Segment]:
-    """Render turns with the tokenizer's chat template, one segment per span.
+    """Render turns with the tokenizer's chat template, one segment per span, each marked
+    ``templated``.
 
     Assistant turns from index ``train_from`` on are trained; earlier ones (the prompt of a
     conversational prompt/completion row) are context only.
 
     Each assistant turn is found by rendering the conversation up to it with
     ``add_generation_prompt=True`` and up to and including it: the difference is
-    exactly the assistant's text, so loss masking is right for any template that
-    renders a conversation's prefix as a prefix of the whole.
+    exactly the assistant's text with the template's end of turn (``<|im_end|>\\n``,
+    ``<|eot_id|>``), so loss masking is right for any template that renders a conversation's
+    prefix as a prefix of the whole. A conversation may start with an assistant turn when
+    the template renders the generation prompt of an empty conversation; a template that
+    cannot render a row is an error naming ``where`` and ``field``.
     """
     segments: list[Segment] = []
     done = ""
     for i, turn in enumerate(messages):
         if turn["role"] != "assistant":
             continue
-        prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else \
-            tokenizer.apply_chat_template([], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        prefix = _apply_template(tokenizer, messages[:i], where, field, generation_prompt=True)
+        full = _apply_template(tokenizer, messages[: i + 1], where, field, generation_prompt=False)
         if not prefix.startswith(done) or not full.startswith(prefix):
             raise where(field, "the chat template does not render a conversation's prefix as a prefix of the whole;"
                         " use a prefix-consistent template")
         if prefix[len(done):]:
-            segments.append(Segment(prefix[len(done):], train=False))
-        segments.append(Segment(full[len(prefix):], train=i >= train_from))
+            segments.append(Segment(prefix[len(done):], train=False, templated=True))
+        segments.append(Segment(full[len(prefix):], train=i >= train_from, templated=True))
         done = full
     return segments
 

@@ -9,7 +9,7 @@ import torch
 
 from lit_align.data.base import TextDataModule
 from lit_align.data.batching import pad
-from lit_align.data.encode import IGNORE_INDEX, Dropped, reference_text, tokenize_segments
+from lit_align.data.encode import IGNORE_INDEX, Dropped, leading_bos, reference_text, tokenize_segments
 from lit_align.data.formats import (SHAREGPT_ROLES, DataError, Segment, Where, _with_system, normalize_messages,
                                     render_messages, renamed_columns)
 from lit_align.data.tasks import ArithTask
@@ -40,11 +40,12 @@ def encode_pair(prompt: list[Segment], chosen: list[Segment], rejected: list[Seg
 
     Returns ``chosen`` and ``rejected`` (each ``input_ids``, ``labels``, ``num_labels``),
     ``prompt_ids`` (the generation prompt), ``reference`` (the chosen text), ``length``
-    (the longer sequence), ``num_labels`` (both) and ``truncated`` (``"prompt"`` and / or
-    ``"response"``: what was cut, counted by the data module). Too long:
-    ``truncation="prompt"`` cuts the shared prompt from the left (keeping one token), then
-    both responses at the end, as TRL does (a response cut at the end has no EOS);
-    ``"drop"`` drops the pair.
+    (the longer sequence), ``num_labels`` (both), ``truncated`` (``"prompt"`` and / or
+    ``"response"``: what was cut, counted by the data module) and ``templated`` (whether a
+    segment was rendered with the chat template). Too long: ``truncation="prompt"`` cuts the
+    shared prompt from the left (after a leading BOS, which stays, and keeping one token
+    before the responses), then both responses at the end, as TRL does (a response cut at
+    the end has no EOS); ``"drop"`` drops the pair.
 
     ``where`` and ``fields`` (the chosen and rejected column names) locate errors; without
     ``where`` they are plain :class:`ValueError`.
@@ -66,17 +67,23 @@ def encode_pair(prompt: list[Segment], chosen: list[Segment], rejected: list[Seg
     truncated = ["prompt"] if cut else []
     if longest - cut > max_length:
         truncated.append("response")
+    keep = leading_bos(p_ids, tokenizer)
+
+    def cut_prompt(seq: list[int]) -> list[int]:
+        return seq[:keep] + seq[keep + cut:]
+
     out: dict[str, Any] = {}
     for name, (ids, labels) in sides.items():
-        ids, labels = ids[cut:][:max_length], labels[cut:][:max_length]
+        ids, labels = cut_prompt(ids)[:max_length], cut_prompt(labels)[:max_length]
         labels[0] = IGNORE_INDEX
         n = sum(label != IGNORE_INDEX for label in labels)
         if n == 0:
             raise Dropped("nothing left to learn after truncation")
         out[name] = {"input_ids": ids, "labels": labels, "num_labels": n}
-    out.update(prompt_ids=p_ids[cut:], reference=reference_text(chosen, tokenizer),
+    out.update(prompt_ids=cut_prompt(p_ids), reference=reference_text(chosen, tokenizer),
                length=max(len(out["chosen"]["input_ids"]), len(out["rejected"]["input_ids"])),
-               num_labels=out["chosen"]["num_labels"] + out["rejected"]["num_labels"], truncated=tuple(truncated))
+               num_labels=out["chosen"]["num_labels"] + out["rejected"]["num_labels"], truncated=tuple(truncated),
+               templated=any(seg.templated for seg in prompt + chosen + rejected))
     return out
 
 

@@ -10,7 +10,7 @@ from jinja2.exceptions import TemplateError
 
 from lit_align.data.base import SCALARS, TextDataModule
 from lit_align.data.batching import collate_generation
-from lit_align.data.encode import Dropped, _adds_bos, tokenize_segments
+from lit_align.data.encode import Dropped, leading_bos, tokenize_segments
 from lit_align.data.formats import DataError, Segment, Where, _with_system, lookup, normalize_messages, renamed_columns
 from lit_align.data.sources import ROW_COLUMN
 from lit_align.data.tasks import ArithTask
@@ -72,7 +72,9 @@ class PromptDataModule(TextDataModule):
     model), ``references`` (``B`` answers, ``""`` without ``answer_key``), ``meta`` (``B``
     dicts: the row's other columns, nested dicts included, and ``answer``); also
     ``num_label_tokens_step`` / ``num_seqs_step`` (prompts in the optimizer step).
-    Prompt ids carry no EOS; BOS only when the tokenizer adds one.
+    Prompt ids carry no EOS and at most one BOS (the tokenizer's, or the chat template's when
+    it writes one). After ``setup``, :attr:`chat_templated` is true when any prompt was rendered
+    with the chat template.
     """
 
     row_kind = "prompt"
@@ -182,7 +184,8 @@ class PromptDataModule(TextDataModule):
         h = self.hparams
         value = self._prompt_value(row, fmt, where)
         truncated = False
-        if fmt == "messages" or (isinstance(value, str) and h.chat_template):
+        templated = fmt == "messages" or (isinstance(value, str) and bool(h.chat_template))
+        if templated:
             msgs = _with_system(value if isinstance(value, list) else [{"role": "user", "content": value}],
                                 h.system_prompt)
             text = self._render(msgs, where)
@@ -201,9 +204,11 @@ class PromptDataModule(TextDataModule):
         if len(ids) > h.max_length:
             if h.truncation == "drop":
                 raise Dropped("too long")
-            bos = 1 if _adds_bos(self.tokenizer) else 0  # keep BOS, then the end of the prompt
+            bos = leading_bos(ids, self.tokenizer)  # keep BOS, then the end of the prompt
             ids = ids[:bos] + ids[len(ids) - (h.max_length - bos):]
-            text, truncated = self.tokenizer.decode(ids[bos:]), True
+            # the text keeps the BOS when it wrote one (a chat template's), not when the tokenizer added it
+            written = bos and text.startswith(self.tokenizer.bos_token)
+            text, truncated = self.tokenizer.decode(ids if written else ids[bos:]), True
         extra = {k: v for k, v in row.items() if k not in self.used_columns() and isinstance(v, (dict, list))
                  and json_like(v)}
         reference = ""
@@ -214,7 +219,7 @@ class PromptDataModule(TextDataModule):
             extra["answer"] = answer
             reference = answer if isinstance(answer, str) else str(answer)
         return {"prompt_ids": ids, "prompt": text, "reference": reference, "length": len(ids), "num_labels": 1,
-                "_meta": extra, "truncated": ("prompt",) if truncated else ()}
+                "_meta": extra, "truncated": ("prompt",) if truncated else (), "templated": templated}
 
     # -- batches --------------------------------------------------------------
     def collate(self, packs: list[list[dict]]) -> dict:

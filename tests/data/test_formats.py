@@ -80,8 +80,8 @@ def test_messages_multi_turn_loss_only_on_assistant_turns():
 def test_messages_segments_follow_the_chat_template():
     segments = row_to_segments({"messages": CHAT}, "messages", DEFAULT_COLUMNS, byte_tokenizer(), WHERE)
     assert segments == [
-        Segment(CHAT_PROMPT_1, False), Segment("4" + EOS + "\n", True),
-        Segment(CHAT_PROMPT_2, False), Segment("8, of course" + EOS + "\n", True),
+        Segment(CHAT_PROMPT_1, False, templated=True), Segment("4" + EOS + "\n", True, templated=True),
+        Segment(CHAT_PROMPT_2, False, templated=True), Segment("8, of course" + EOS + "\n", True, templated=True),
     ]
 
 
