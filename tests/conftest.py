@@ -136,3 +136,8 @@ def zoo(tmp_path_factory) -> dict[str, str]:
     from tests.zoo import build_zoo
 
     return build_zoo(tmp_path_factory.mktemp("zoo"))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_export(tmp_path_factory) -> str:
+    return write_tiny_reward_export(tmp_path_factory.mktemp("rm_export"))
