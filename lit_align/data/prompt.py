@@ -226,7 +226,8 @@ class PromptDataModule(TextDataModule):
         rows = [p[0] for p in packs]
         batch = collate_generation(rows, self.tokenizer.pad_token_id)
         batch["prompts"] = [r["prompt"] for r in rows]
-        batch["index"] = [r["index"] for r in rows]  # rows of the training split (dynamic sampling excludes them)
+        if all("index" in r for r in rows):  # rows of an encoded split (dynamic sampling excludes them)
+            batch["index"] = [r["index"] for r in rows]
         return batch
 
     def eval_collate(self, packs: list[list[dict]]) -> dict:

@@ -11,7 +11,8 @@ from lit_align.data import DataError, PromptDataModule
 from lit_align.data.tasks import ArithTask
 from tests.data.util import byte_tokenizer, raises_located, write_jsonl
 
-BATCH_KEYS = {"prompt_ids", "prompt_mask", "prompts", "references", "meta", "num_label_tokens_step", "num_seqs_step"}
+BATCH_KEYS = {"prompt_ids", "prompt_mask", "prompts", "references", "meta", "index", "num_label_tokens_step",
+              "num_seqs_step"}
 SYSTEM = {"role": "system", "content": "Answer briefly."}
 
 
@@ -199,7 +200,7 @@ def test_drop_truncation_counts_the_dropped_prompts(tmp_path):
 def test_extra_prompts_are_deterministic_per_step_and_round():
     _, dm = arith_module()
     a = dm.extra_prompts(step=3, round=0, n=6)
-    assert set(a) == {"prompt_ids", "prompt_mask", "prompts", "references", "meta"}
+    assert set(a) == {"prompt_ids", "prompt_mask", "prompts", "references", "meta", "index"}
     assert a["prompt_ids"].shape == (6, 6) and len(set(a["prompts"])) == 6  # distinct within a draw
     _, resumed = arith_module()  # a fresh module, as after a restart, draws the same prompts
     b = resumed.extra_prompts(step=3, round=0, n=6)

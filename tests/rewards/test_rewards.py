@@ -294,7 +294,8 @@ def test_reward_model_scores_prompt_completion_eos(rm_dir):
     rewards = Rewards([RewardSpec("reward_model", weight=2.0, args={"path": rm_dir})])
     rewards.setup("cpu")
     rewards.setup("cpu")  # idempotent
-    total, raw = rewards(PROMPTS, COMPLETIONS, [{}] * 5, **ctx([len(c) for c in COMPLETIONS]))
+    # none truncated: each completion ended with EOS (a truncated one is scored without it)
+    total, raw = rewards(PROMPTS, COMPLETIONS, [{}] * 5, **ctx([len(c) for c in COMPLETIONS], max_new_tokens=64))
     ids = [tokenizer(p, add_special_tokens=False).input_ids + tokenizer(c, add_special_tokens=False).input_ids + [eos]
            for p, c in zip(PROMPTS, COMPLETIONS)]
     # the same sequence the preference data trains on: the byte tokenizer appends </s> once

@@ -234,7 +234,8 @@ def test_extra_left_padding_changes_nothing(model_type):
     padded = RolloutBatch.cat([rollout, RolloutBatch(
         prompt_ids=torch.full((1, rollout.prompt_ids.shape[1] + 7), 5), prompt_mask=torch.ones(1, rollout.prompt_ids.shape[1] + 7, dtype=torch.long),
         completion_ids=torch.full((1, 1), EOS), completion_mask=torch.ones(1, 1, dtype=torch.long),
-        logprobs=torch.zeros(1, 1), truncated=torch.tensor([False]), prompts=[""], completions=[""], meta=[{}])], PAD)
+        logprobs=torch.zeros(1, 1), truncated=torch.tensor([False]), prompts=[""], completions=[""], meta=[{}],
+        sampler_logprobs=torch.zeros(1, 1))], PAD)
     assert padded.prompt_ids.shape[1] == rollout.prompt_ids.shape[1] + 7
     logp, _ = completion_logprobs(model, padded, 1.0)
     assert torch.allclose(logp[:3], rollout.logprobs, atol=1e-5, rtol=0)
@@ -407,7 +408,7 @@ def test_generation_runs_on_the_kv_cache(temperature):
                                     with_kwargs=True)
     prompts = prompt_batch(PROMPTS)
     rollout = HFEngine(TOK).generate(model, prompts, SamplingParams(n=2, temperature=temperature, max_new_tokens=5))
-    assert len(calls) == 1 and calls[0]["use_cache"] is True
+    assert len(calls) == 1 and calls[0]["generation_config"].use_cache is True
     p = prompts["prompt_ids"].shape[1]
     assert widths[:5] == [p, 1, 1, 1, 1]
     assert widths[5:] == [p + 5]  # then one teacher-forced scoring forward (no cache)
