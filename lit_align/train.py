@@ -12,6 +12,7 @@ export in ``checkpoints/<name>/hf/`` at the end of fit.
 from __future__ import annotations
 
 import os
+import sys
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -21,12 +22,42 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lit_align.callbacks import HFExport
 
 
+def nested_nulls(args: list[str]) -> list[str]:
+    """``--a.init_args.b.c null`` (a field of a nested dataclass set to null) as ``--a.init_args.b '{c: null}'``.
+
+    jsonargparse turns a null given to a nested dataclass field on the command line into the
+    string ``"None"`` (so ``--model.init_args.model.config null`` fails to validate and a null
+    tokenizer would become a tokenizer named "None"); a mapping given to the dataclass merges into
+    its earlier value, which is the meaning of the override. Other arguments pass unchanged."""
+    out, i = [], 0
+    while i < len(args):
+        arg = args[i]
+        key, value, width = None, None, 1
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif arg.startswith("--") and i + 1 < len(args):
+            key, value, width = arg[2:], args[i + 1], 2
+        parent, _, field = (key or "").rpartition(".")
+        if value in ("null", "None") and ".init_args." in f"{parent}." and not parent.endswith("init_args"):
+            out.append(f"--{parent}={{{field}: null}}")
+            i += width
+        else:
+            out.append(arg)
+            i += 1
+    return out
+
+
 class AlignCLI(LightningCLI):
     """LightningCLI with the project's run layout (logs/, checkpoints/, HF export)."""
 
     def __init__(self, args=None, run: bool = True, **kwargs):
         super().__init__(L.LightningModule, L.LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
                          save_config_kwargs={"overwrite": True}, args=args, run=run, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        if args is None or isinstance(args, list):
+            args = nested_nulls(sys.argv[1:] if args is None else list(args))
+        super().parse_arguments(parser, args)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=str | None, default=None,

@@ -94,3 +94,34 @@ def test_without_generation_the_best_checkpoint_is_the_lowest_val_loss(tmp_path)
     best = cli.trainer.checkpoint_callback
     assert best.monitor == "val/loss" and os.path.basename(best.best_model_path).startswith("best-step")
     assert best.best_model_score == pytest.approx(float(cli.trainer.callback_metrics["val/loss"]))
+
+
+def test_nested_null_overrides_become_mappings():
+    from lit_align.train import nested_nulls
+
+    args = ["fit", "--trainer.fast_dev_run", "--model.init_args.model.config", "null",
+            "--model.init_args.model.tokenizer=null", "--model.init_args.ref_model", "null", "--trainer.logger", "null"]
+    assert nested_nulls(args) == ["fit", "--trainer.fast_dev_run", "--model.init_args.model={config: null}",
+                                  "--model.init_args.model={tokenizer: null}", "--model.init_args.ref_model", "null",
+                                  "--trainer.logger", "null"]
+
+
+def test_the_real_model_override_replaces_the_inline_config(tmp_path, capsys):
+    """The README's override (inline config and tokenizer set to null, a local directory) parses
+    and loads that directory's model and tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lit_align.models import build_tokenizer
+
+    tokenizer = build_tokenizer("byte")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    override = ["--model.init_args.model.config", "null", "--model.init_args.model.pretrained", str(tmp_path / "m"),
+                "--model.init_args.model.tokenizer", "null"]
+    cli = main(["--config", QUICKSTART, *override], run=False)
+    assert cli.model.spec.config is None and cli.model.spec.tokenizer is None
+    assert cli.model.spec.pretrained == str(tmp_path / "m")
+    cli.model.configure_model()
+    assert cli.model.model.config.hidden_size == 16
+    assert cli.model.spec.tokenizer_name == str(tmp_path / "m")  # the directory's own tokenizer
