@@ -213,6 +213,18 @@ class CausalLMModule(L.LightningModule):
                           self.tokenizer.pad_token_id, stops, **self.generation_inputs(batch))
         return decode_completions(self.tokenizer, ids, stops)
 
+    def evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
+        """One held-out batch of ``stage`` (``val`` or ``test``; validation and test run the same
+        step): greedy generations scored by the data module's checker. Modules with a held-out
+        loss log it here too."""
+        self.score_generations(batch, stage, batch_idx)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluate(batch, batch_idx, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.evaluate(batch, batch_idx, "test")
+
     def score_generations(self, batch: dict, stage: str, batch_idx: int) -> list[str] | None:
         """Greedy generations against the references (or the task's checker), into the metric;
         returns the completions."""

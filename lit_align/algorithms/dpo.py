@@ -170,10 +170,8 @@ class DPO(CausalLMModule):
         self.log_throughput(batch)
         return self.step_loss(losses.sum() / batch["num_seqs_step"])
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        losses = self._step(batch, "val")
-        self.log("val/loss", losses.mean(), on_epoch=True, sync_dist=True, batch_size=len(losses))
-        self.score_generations(batch, "val", batch_idx)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.score_generations(batch, "test", batch_idx)
+    def evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
+        if stage == "val":  # the held-out preference loss and reward metrics; test scores generations only
+            losses = self._step(batch, "val")
+            self.log("val/loss", losses.mean(), on_epoch=True, sync_dist=True, batch_size=len(losses))
+        self.score_generations(batch, stage, batch_idx)

@@ -297,9 +297,3 @@ class OnlineRLModule(CausalLMModule):
             self.log(f"train/{k}", torch.as_tensor(v).float().to(self.device), on_step=True, on_epoch=False,
                      prog_bar=k in ("reward/mean", "accuracy"), batch_size=batch_size)
 
-    # -- evaluation ---------------------------------------------------------------------
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self.score_generations(batch, "val", batch_idx)
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.score_generations(batch, "test", batch_idx)

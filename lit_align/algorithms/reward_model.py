@@ -119,17 +119,11 @@ class RewardModel(CausalLMModule):
         self.log_throughput(batch)
         return self.step_loss(loss * chosen.shape[0] / batch["num_seqs_step"])
 
-    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+    def evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
         chosen, rejected = self.pair_scores(batch)
         self._update_metrics(stage, self.pair_loss(chosen, rejected, batch), chosen, rejected, on_step=False)
         if batch_idx == 0:
             self.log_pairs(batch, chosen, rejected, stage)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
 
     def log_pairs(self, batch: dict, chosen: torch.Tensor, rejected: torch.Tensor, stage: str) -> None:
         """A few held-out pairs with their scores, as TensorBoard text."""

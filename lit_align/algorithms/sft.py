@@ -29,15 +29,9 @@ class SFT(CausalLMModule):
         self.log_throughput(batch)
         return self.step_loss(share)
 
-    def _eval_step(self, batch: dict, batch_idx: int, stage: str) -> None:
+    def evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
         logp, mask = self.shifted(batch)
         n = mask.sum()
         self.log(f"{stage}/loss", -(logp * mask).sum() / n.clamp(min=1), on_epoch=True, sync_dist=True,
                  batch_size=int(n), reduce_fx="mean")
         self.score_generations(batch, stage, batch_idx)
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")
