@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> str:
         if recipe not in known:
             parser.error(f"--only {recipe!r}: not one of {sorted(known)}")
     stages = [known[r] for r in args.only] if args.only else list(STAGES)
-    rows = ["| recipe | wall time | before (held-out) | logged curve: first -> best -> last (steps are optimizer steps) |",
+    rows = ["| recipe | wall time | before (held-out) "
+            "| logged curve: first -> best -> last (steps are optimizer steps) |",
             "| --- | --- | --- | --- |"]
     out_dir = os.path.join(REPO, args.logs_dir, "benchmarks")
     os.makedirs(out_dir, exist_ok=True)

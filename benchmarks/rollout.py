@@ -17,6 +17,7 @@ The table goes to stdout (markdown) and to ``--out`` if given.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -87,11 +88,11 @@ def main(argv=None) -> None:
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=1.0, n=min(args.n, size))
         times = {k: [] for k in engines}
         tokens = {k: [] for k in engines}
-        for name, engine in engines.items():  # warm-up
+        for _, engine in engines.items():  # warm-up
             engine.generate(model, batch, sampling)
         for _ in range(args.repeats):
             for name, engine in engines.items():
-                dt, rollout = timed(lambda: engine.generate(model, batch, sampling))
+                dt, rollout = timed(functools.partial(engine.generate, model, batch, sampling))
                 times[name].append(dt)
                 tokens[name].append(int(rollout.completion_mask.sum()))
         completions = len(batch["prompt_ids"]) * sampling.n

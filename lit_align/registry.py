@@ -6,7 +6,8 @@ KL estimators), and import paths ``"package.module:attr"`` for user code that is
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 
 def qualified_name(obj: Any) -> str:

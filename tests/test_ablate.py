@@ -214,7 +214,10 @@ def test_mean_and_sample_std():
 def test_resume_decisions(tmp_path):
     ablation = from_flags(QUICKSTART, [], [0, 1, 2, 3, 4], ["m"], [])
     runs = plan(ablation, str(tmp_path))
-    base = lambda r, **kw: {"fingerprint": r.fingerprint, **kw}
+
+    def base(r, **kw):
+        return {"fingerprint": r.fingerprint, **kw}
+
     runs[0].write_record(base(runs[0], status=FINISHED))
     runs[1].write_record(base(runs[1], status=FAILED, error="ValueError: x"))
     runs[2].write_record(base(runs[2], status="running"))  # its sweep was killed
@@ -246,7 +249,8 @@ def test_parallel_slots_split_the_cores_and_refuse_more_runs_than_cores():
 def test_condensed_errors_keep_the_cause():
     error = ("ValueError: Does not validate against any of the Union subtypes\nSubtypes: [A, B]\nErrors:\n"
              "  - optim: lr=-1.0 must be > 0\n  - Expected a <class 'NoneType'>\nGiven value type: Namespace")
-    assert condense(error) == "ValueError: Does not validate against any of the Union subtypes optim: lr=-1.0 must be > 0"
+    assert condense(error) == \
+        "ValueError: Does not validate against any of the Union subtypes optim: lr=-1.0 must be > 0"
 
 
 # -- a real sweep --------------------------------------------------------------------------
@@ -311,7 +315,8 @@ def test_tiny_sweep_report_matches_the_logs_lists_failures_and_resumes(tmp_path,
     assert "RuntimeError: crash at step 3" in failed[0]["error"]
 
     summary = (sweep / "summary.md").read_text()
-    assert "| crashy | 1 of 2 (failed 1) |" in summary and "- crashy seed 1: failed: RuntimeError: crash at step 3" in summary
+    assert "| crashy | 1 of 2 (failed 1) |" in summary
+    assert "- crashy seed 1: failed: RuntimeError: crash at step 3" in summary
     assert "paper: score" in summary and "| a | 2 | 1.5 |" in summary and "A et al. 2025, Table 1" in summary
     for name in ("train_loss.png", "val_loss.png", "val_loss_vs_budget.png"):
         png = (sweep / "plots" / name).read_bytes()

@@ -19,13 +19,13 @@ from lit_align.ablate.cli import main
 from lit_align.ablate.report import Summary, write_report
 from lit_align.ablate.runs import Run, plan, run_all, seed_args, todo
 from lit_align.ablate.spec import (
-           Ablation,
-           AblationError,
-           Budget,
-           Paper,
-           Variant,
-           from_flags,
-           load_ablation,
+    Ablation,
+    AblationError,
+    Budget,
+    Paper,
+    Variant,
+    from_flags,
+    load_ablation,
 )
 
 __all__ = ["Ablation", "AblationError", "Budget", "Paper", "Run", "Summary", "Variant", "from_flags", "load_ablation",

@@ -39,7 +39,8 @@ def parser() -> argparse.ArgumentParser:
                    help="write the report from the runs' records without training")
     flags = p.add_argument_group("flag form (instead of --config)")
     flags.add_argument("--base", help="the recipe every variant starts from")
-    flags.add_argument("--delta", action="append", help="an ablation delta; a variant named after its file (repeatable)")
+    flags.add_argument("--delta", action="append",
+                       help="an ablation delta; a variant named after its file (repeatable)")
     flags.add_argument("--seeds", type=int, nargs="+", help="seeds for every variant (default 0)")
     flags.add_argument("--metric", action="append",
                        help="a logged metric, best = max unless NAME:min (repeatable; default val/exact_match)")

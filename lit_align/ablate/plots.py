@@ -30,8 +30,8 @@ def seed_band(curves: list[list[tuple[int, float]]]) -> tuple[list[int], list[fl
     return steps, mean, [min(col) for col in columns], [max(col) for col in columns]
 
 
-def _plot(path: str, title: str, xlabel: str, ylabel: str, series: list[tuple[str, list[float], list[float], list[float],
-                                                                    list[float]]]) -> None:
+def _plot(path: str, title: str, xlabel: str, ylabel: str,
+          series: list[tuple[str, list[float], list[float], list[float], list[float]]]) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for name, x, mean, low, high in series:
         # markers for short curves, where a held-out metric logged once would otherwise not show
@@ -74,7 +74,8 @@ def plot_curves(ablation, summaries, directory: str) -> dict[str, str]:
             out[metric] = path
         if by_budget:
             path = os.path.join(directory, f"{slug(metric)}_vs_budget.png")
-            _plot(path, f"{ablation.name}: {metric} ({seeds})", f"{ablation.budget.label} (cumulative, mean over seeds)",
+            _plot(path, f"{ablation.name}: {metric} ({seeds})",
+                  f"{ablation.budget.label} (cumulative, mean over seeds)",
                   metric, by_budget)
             out[f"{metric} vs budget"] = path
     return out

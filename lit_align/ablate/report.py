@@ -162,9 +162,9 @@ def markdown(ablation: Ablation, summaries: list[Summary], command: str, plots: 
     if common:
         lines.append(f"- every run: {common}")
     lines += ["", ("Mean ± sample std over the finished seeds; *best* is each run's best logged value and *step of "
-                   "best* the step where it first reached it. Steps are the logger's: training batches, so rollouts for "
-                   "the online-RL modules (whose `trainer.max_steps` counts optimizer steps). Runs that did not finish "
-                   "are listed below and not averaged in."), "", "## Variants", ""]
+                   "best* the step where it first reached it. Steps are the logger's: training batches, so rollouts "
+                   "for the online-RL modules (whose `trainer.max_steps` counts optimizer steps). Runs that did not "
+                   "finish are listed below and not averaged in."), "", "## Variants", ""]
     header = ["variant", "what it changes", "runs"]
     if ablation.budget:
         header.append(f"{ablation.budget.label} (total per run)")

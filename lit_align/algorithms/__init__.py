@@ -9,4 +9,5 @@ from lit_align.algorithms.presets import DAPO, GRPO, GSPO
 from lit_align.algorithms.reward_model import RewardModel
 from lit_align.algorithms.sft import SFT
 
-__all__ = ["LLaVA", "LLaVADPO", "AdaptiveKL", "PPO", "DAPO", "DPO", "GRPO", "GSPO", "OptimSpec", "PolicyGradient", "RewardModel", "SFT"]
+__all__ = ["LLaVA", "LLaVADPO", "AdaptiveKL", "PPO", "DAPO", "DPO", "GRPO", "GSPO", "OptimSpec", "PolicyGradient",
+           "RewardModel", "SFT"]

@@ -11,15 +11,15 @@ from contextlib import contextmanager
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from transformers import GenerationConfig
 from torchmetrics import Metric
+from transformers import GenerationConfig
 
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
 from lit_align.algorithms.reference import PREFIX as REFERENCE_PREFIX
 from lit_align.algorithms.steps import clip_grad_norm, step_scale
+from lit_align.data.encode import IGNORE_INDEX
 from lit_align.distributed import is_sharded
 from lit_align.evaluation import ExactMatch, GroupedExactMatch
-from lit_align.data.encode import IGNORE_INDEX
 from lit_align.losses import token_logprobs
 from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, is_peft, load_tokenizer, merged_copy
 from lit_align.models.causal_lm import decoder_layer_classes
@@ -243,8 +243,10 @@ class CausalLMModule(L.LightningModule):
         grouped = self._grouped_metric(dm, stage)
         if grouped is not None:
             grouped.update(correct, [str(m[dm.group_key]) for m in batch["meta"]])
-        if batch_idx == 0 and self.num_logged_samples and isinstance(self.logger, TensorBoardLogger) and self.global_rank == 0:
-            prompts = self.tokenizer.batch_decode(batch["prompt_ids"][: self.num_logged_samples], skip_special_tokens=True)
+        if (batch_idx == 0 and self.num_logged_samples and isinstance(self.logger, TensorBoardLogger)
+                and self.global_rank == 0):
+            prompts = self.tokenizer.batch_decode(batch["prompt_ids"][: self.num_logged_samples],
+                                                  skip_special_tokens=True)
             lines = [f"**prompt** `{p!r}`  \n**generated** `{c!r}`  \n**reference** `{r!r}`  \n**correct** {ok}"
                      for p, c, r, ok in zip(prompts, completions, batch["references"], correct)]
             self.logger.experiment.add_text(f"{stage}/samples", "\n\n---\n\n".join(lines), self.global_step)

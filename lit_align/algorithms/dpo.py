@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import torch
 from torchmetrics import MeanMetric
 
@@ -16,7 +15,8 @@ from lit_align.registry import lookup
 #: The data module's split each stage's batches come from.
 STAGE_SPLITS = {"train": "train", "val": "validation", "test": "test"}
 
-_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected")
+_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+            "logps/rejected")
 
 
 def _key(stage: str, name: str) -> str:
@@ -76,13 +76,15 @@ class DPO(CausalLMModule):
         if sft_weight < 0:
             raise ValueError(f"DPO.sft_weight: must be >= 0, got {sft_weight}")
         if lora is not None and reference is not None:
-            raise ValueError("DPO: with `lora` the reference is the base model with adapters disabled; drop `reference`")
+            raise ValueError("DPO: with `lora` the reference is the base model with adapters disabled; "
+                             "drop `reference`")
         self.save_hyperparameters()
         self.beta, self.loss_type, self.label_smoothing, self.sft_weight = beta, loss_type, label_smoothing, sft_weight
         self.disable_dropout = disable_dropout
         self.reference = Reference(reference or model, "precomputed" if precompute_ref_logps else
                                    "adapters" if lora is not None else "copy")
-        self.pair_metrics = torch.nn.ModuleDict({_key(stage, k): MeanMetric() for k in _METRICS for stage in ("train", "val")})
+        self.pair_metrics = torch.nn.ModuleDict({_key(stage, k): MeanMetric()
+                                                 for k in _METRICS for stage in ("train", "val")})
 
     @property
     def ref_model(self) -> torch.nn.Module | None:

@@ -13,8 +13,15 @@ from lit_align.algorithms.dpo import DPO
 from lit_align.algorithms.optim import OptimSpec
 from lit_align.algorithms.sft import SFT
 from lit_align.models import CausalLMSpec, build_causal_lm
-from lit_align.models.llava import (CONFIG_FILE, LM_DIR, PROJECTOR_FILE, VISION_FILE, LlavaModel, add_image_token,
-                                    save_llava)
+from lit_align.models.llava import (
+    CONFIG_FILE,
+    LM_DIR,
+    PROJECTOR_FILE,
+    VISION_FILE,
+    LlavaModel,
+    add_image_token,
+    save_llava,
+)
 from lit_align.models.vision import VisionTower, VisionTowerSpec, build_projector
 
 
@@ -33,7 +40,8 @@ def _resolve(model: CausalLMSpec | None, vision_tower: VisionTowerSpec | None, p
     with open(path) as f:
         saved = json.load(f)
     if projector is not None and projector != saved["projector"]:
-        raise ValueError(f"LLaVA.projector: {projector!r} differs from the export's {saved['projector']!r} in {init_from}")
+        raise ValueError(f"LLaVA.projector: {projector!r} differs from the export's {saved['projector']!r} in "
+                         f"{init_from}")
     lm_dir = os.path.join(init_from, LM_DIR)
     if model is not None and (model.pretrained is None or os.path.abspath(model.pretrained) != os.path.abspath(lm_dir)):
         # a different LM would silently throw away the stage's trained language model

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
-
-from lightning.pytorch.utilities import rank_zero_warn
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from lit_align.algorithms.base import CausalLMModule
 from lit_align.algorithms.optim import OptimSpec
@@ -18,8 +17,8 @@ from lit_align.algorithms.reference import Reference
 from lit_align.algorithms.steps import StepMetrics, mini_batch_bounds
 from lit_align.distributed import all_reduce
 from lit_align.losses import CORRECTION_LEVELS, CORRECTION_MODES, KL_ESTIMATORS, mismatch_metrics, rollout_correction
-from lit_align.models import CausalLMSpec, LoraSpec, build_hf_config, disable_dropout, is_peft
-from lit_align.rewards import RewardSpec, Rewards
+from lit_align.models import CausalLMSpec, LoraSpec, build_hf_config, disable_dropout
+from lit_align.rewards import Rewards, RewardSpec
 from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, build_engine, chunked_logprobs
 
 __all__ = ["DEFAULT_KL_ESTIMATOR", "OnlineRLModule", "all_reduce"]
@@ -106,7 +105,8 @@ class OnlineRLModule(CausalLMModule):
             (resolved_kl is not None and resolved_kl not in KL_ESTIMATORS,
              f"kl_estimator: {resolved_kl!r} is not one of {tuple(KL_ESTIMATORS)}"),
             (beta == 0 and reference is not None, "reference: unused with beta 0 (no KL term); drop it or set beta"),
-            (lora is not None and reference is not None, "reference: with lora the reference is the base with adapters disabled; drop it"),
+            (lora is not None and reference is not None,
+             "reference: with lora the reference is the base with adapters disabled; drop it"),
             (forward_batch_size < 1, f"forward_batch_size: must be >= 1, got {forward_batch_size}"),
             (lora is not None and lora.dropout > 0, f"lora.dropout: {lora.dropout if lora else 0} would make the "
              "rollout's log-probs differ from the training forward's (the first ratio would not be 1); set it to 0"),
@@ -220,8 +220,8 @@ class OnlineRLModule(CausalLMModule):
         if self._all_truncated == TRUNCATION_WARNING_STEPS:
             names = [self.tokenizer.convert_ids_to_tokens(i) for i in self.stop_ids()]
             rank_zero_warn(f"{type(self).__name__}: every completion of the last {TRUNCATION_WARNING_STEPS} rollouts "
-                           f"ran to max_new_tokens={self.sampling.max_new_tokens} without a stop token; stopping at ids "
-                           f"{self.stop_ids()} ({names}). If the model ends its answers with another token, set "
+                           f"ran to max_new_tokens={self.sampling.max_new_tokens} without a stop token; stopping at "
+                           f"ids {self.stop_ids()} ({names}). If the model ends its answers with another token, set "
                            "sampling.stop_token_ids (or raise max_new_tokens).")
 
     # -- the optimizer steps over a rollout ------------------------------------------------

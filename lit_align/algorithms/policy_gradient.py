@@ -12,12 +12,18 @@ from lit_align.algorithms.online import OnlineRLModule, RolloutCorrectionSpec
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
 from lit_align.algorithms.steps import StepMetrics
 from lit_align.distributed import all_reduce
-from lit_align.losses import (ADVANTAGE_ESTIMATORS, AGG_MODES, IS_LEVELS, POLICY_LOSSES, aggregate_loss, kl_penalty,
-                              policy_loss)
+from lit_align.losses import (
+    ADVANTAGE_ESTIMATORS,
+    AGG_MODES,
+    IS_LEVELS,
+    POLICY_LOSSES,
+    aggregate_loss,
+    kl_penalty,
+    policy_loss,
+)
 from lit_align.models import CausalLMSpec, LoraSpec
 from lit_align.rewards import RewardSpec
 from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, completion_logprobs
-
 
 #: Sampling rounds per step under dynamic sampling when ``max_generation_rounds`` is unset.
 DEFAULT_GENERATION_ROUNDS = 4
@@ -111,17 +117,36 @@ class PolicyGradient(OnlineRLModule):
             overlong_buffer = max(1, sampling.max_new_tokens // 5)
         # settings that would be silently ignored fail first, before anything is built from them
         self.check_settings([
-            (overlong_buffer < 0 or overlong_buffer >= sampling.max_new_tokens, f"overlong_buffer: need 0 <= overlong_buffer < sampling.max_new_tokens ({sampling.max_new_tokens}), got {overlong_buffer}"),
-            (overlong_penalty_factor is not None and overlong_buffer == 0, f"overlong_penalty_factor: set to {overlong_penalty_factor} but overlong_buffer is 0 (no soft overlong punishment); set overlong_buffer > 0 or drop it"),
-            (overlong_penalty_factor is not None and overlong_penalty_factor < 0, f"overlong_penalty_factor: must be >= 0, got {overlong_penalty_factor}"),
-            (kl_estimator is not None and beta == 0, f"kl_estimator: set to {kl_estimator!r} but beta is 0 (no KL term); set beta > 0 or drop it"),
-            (max_generation_rounds is not None and not dynamic_sampling, f"max_generation_rounds: set to {max_generation_rounds} but dynamic_sampling is off; turn it on or drop it"),
-            (max_generation_rounds is not None and max_generation_rounds < 1, f"max_generation_rounds: must be >= 1, got {max_generation_rounds}"),
-            (dynamic_sampling_metric is not None and not dynamic_sampling, f"dynamic_sampling_metric: set to {dynamic_sampling_metric!r} but dynamic_sampling is off; turn it on or drop it"),
-            (dynamic_sampling_metric == "overlong", "dynamic_sampling_metric: groups are filtered on a correctness reward, not on the overlong penalty (DAPO and verl filter on accuracy)"),
-            (beta > 0 and kl_estimator == "k1" and not kl_in_reward, "kl_estimator: 'k1' in the loss has zero expected gradient (E[grad log pi] = 0); use k1 with kl_in_reward, or k2 / k3 in the loss"),
-            (importance_sampling_level == "sequence-token", "importance_sampling_level: 'sequence-token' (GSPO-token) equals 'sequence' while advantages are one per sequence, as they are here; use 'sequence'"),
-            (importance_sampling_level == "sequence" and loss_agg_mode != "seq-mean-token-mean", f"importance_sampling_level: 'sequence' with loss_agg_mode {loss_agg_mode!r} weights each sequence's one ratio by its length; GSPO (eq. 5) averages over sequences: use loss_agg_mode seq-mean-token-mean"),
+            (overlong_buffer < 0 or overlong_buffer >= sampling.max_new_tokens,
+             f"overlong_buffer: need 0 <= overlong_buffer < sampling.max_new_tokens ({sampling.max_new_tokens}), "
+             f"got {overlong_buffer}"),
+            (overlong_penalty_factor is not None and overlong_buffer == 0,
+             f"overlong_penalty_factor: set to {overlong_penalty_factor} but overlong_buffer is 0 (no soft overlong "
+             "punishment); set overlong_buffer > 0 or drop it"),
+            (overlong_penalty_factor is not None and overlong_penalty_factor < 0,
+             f"overlong_penalty_factor: must be >= 0, got {overlong_penalty_factor}"),
+            (kl_estimator is not None and beta == 0,
+             f"kl_estimator: set to {kl_estimator!r} but beta is 0 (no KL term); set beta > 0 or drop it"),
+            (max_generation_rounds is not None and not dynamic_sampling,
+             f"max_generation_rounds: set to {max_generation_rounds} but dynamic_sampling is off; "
+             "turn it on or drop it"),
+            (max_generation_rounds is not None and max_generation_rounds < 1,
+             f"max_generation_rounds: must be >= 1, got {max_generation_rounds}"),
+            (dynamic_sampling_metric is not None and not dynamic_sampling,
+             f"dynamic_sampling_metric: set to {dynamic_sampling_metric!r} but dynamic_sampling is off; "
+             "turn it on or drop it"),
+            (dynamic_sampling_metric == "overlong",
+             "dynamic_sampling_metric: groups are filtered on a correctness reward, not on the overlong penalty "
+             "(DAPO and verl filter on accuracy)"),
+            (beta > 0 and kl_estimator == "k1" and not kl_in_reward,
+             "kl_estimator: 'k1' in the loss has zero expected gradient (E[grad log pi] = 0); use k1 with "
+             "kl_in_reward, or k2 / k3 in the loss"),
+            (importance_sampling_level == "sequence-token",
+             "importance_sampling_level: 'sequence-token' (GSPO-token) equals 'sequence' while advantages are one per "
+             "sequence, as they are here; use 'sequence'"),
+            (importance_sampling_level == "sequence" and loss_agg_mode != "seq-mean-token-mean",
+             f"importance_sampling_level: 'sequence' with loss_agg_mode {loss_agg_mode!r} weights each sequence's one "
+             "ratio by its length; GSPO (eq. 5) averages over sequences: use loss_agg_mode seq-mean-token-mean"),
         ])
         extra = [RewardSpec("overlong", weight=1.0 if overlong_penalty_factor is None else overlong_penalty_factor,
                             args={"max_len": sampling.max_new_tokens, "cache_len": overlong_buffer})] \
@@ -132,10 +157,14 @@ class PolicyGradient(OnlineRLModule):
                          num_logged_samples=num_logged_samples, extra_rewards=extra, engine=engine,
                          rollout_correction=rollout_correction)
         self.check_settings([
-            (num_generations < 2, f"num_generations: need >= 2 samples per prompt for group advantages, got {num_generations}"),
-            (advantage_estimator not in ADVANTAGE_ESTIMATORS, f"advantage_estimator: {advantage_estimator!r} is not one of {tuple(ADVANTAGE_ESTIMATORS)}"),
-            (clip_low < 0 or clip_high < 0 or clip_low >= 1, f"clip_low / clip_high: need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}"),
-            (importance_sampling_level not in IS_LEVELS, f"importance_sampling_level: {importance_sampling_level!r} is not one of {tuple(IS_LEVELS)}"),
+            (num_generations < 2,
+             f"num_generations: need >= 2 samples per prompt for group advantages, got {num_generations}"),
+            (advantage_estimator not in ADVANTAGE_ESTIMATORS,
+             f"advantage_estimator: {advantage_estimator!r} is not one of {tuple(ADVANTAGE_ESTIMATORS)}"),
+            (clip_low < 0 or clip_high < 0 or clip_low >= 1,
+             f"clip_low / clip_high: need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}"),
+            (importance_sampling_level not in IS_LEVELS,
+             f"importance_sampling_level: {importance_sampling_level!r} is not one of {tuple(IS_LEVELS)}"),
             (policy_loss not in POLICY_LOSSES, f"policy_loss: {policy_loss!r} is not one of {tuple(POLICY_LOSSES)}"),
             (loss_agg_mode not in AGG_MODES, f"loss_agg_mode: {loss_agg_mode!r} is not one of {tuple(AGG_MODES)}"),
             (kl_in_reward and beta == 0, "kl_in_reward: needs beta > 0"),
@@ -146,11 +175,14 @@ class PolicyGradient(OnlineRLModule):
         self.clip_low, self.clip_high, self.importance_sampling_level = clip_low, clip_high, importance_sampling_level
         self.kl_in_reward, self.num_iterations, self.mini_batches = kl_in_reward, num_iterations, mini_batches
         self.dynamic_sampling, self.overlong_filtering = dynamic_sampling, overlong_filtering
-        self.max_generation_rounds = DEFAULT_GENERATION_ROUNDS if max_generation_rounds is None else max_generation_rounds
+        self.max_generation_rounds = (DEFAULT_GENERATION_ROUNDS if max_generation_rounds is None
+                                      else max_generation_rounds)
         # the reward groups are filtered on: the first configured one (the correctness reward) by default
         self.dynamic_sampling_metric = dynamic_sampling_metric or self.rewards.names[0]
         self.check_settings([
-            (self.dynamic_sampling_metric not in self.rewards.names[: len(rewards or [])], f"dynamic_sampling_metric: {self.dynamic_sampling_metric!r} is not the label of one of the configured rewards {self.rewards.names[: len(rewards or [])]}"),
+            (self.dynamic_sampling_metric not in self.rewards.names[: len(rewards or [])],
+             f"dynamic_sampling_metric: {self.dynamic_sampling_metric!r} is not the label of one of the configured "
+             f"rewards {self.rewards.names[: len(rewards or [])]}"),
         ])
 
     def configure_optimizers(self):
@@ -182,7 +214,8 @@ class PolicyGradient(OnlineRLModule):
         dm = self.trainer.datamodule if self.trainer is not None else None
         used = list(batch.get("index", []))  # extra prompts are never the step's own again
         # every rank samples in every round: generation under sharding is collective
-        while int(all_reduce(torch.tensor(n_varied), dist.ReduceOp.MIN)) < target and rounds < self.max_generation_rounds:
+        while (int(all_reduce(torch.tensor(n_varied), dist.ReduceOp.MIN)) < target
+               and rounds < self.max_generation_rounds):
             more = dm.extra_prompts(self.global_step, rounds, target, exclude=used)
             used += list(more.get("index", []))
             more = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in more.items()}
@@ -327,7 +360,8 @@ class PolicyGradient(OnlineRLModule):
                            "dynamic_sampling/rounds": torch.tensor(float(stats["rounds"])),
                            "dynamic_sampling/filled_groups": torch.tensor(float(stats["filled_groups"]))})
         for k, v in metrics.items():
-            top = k in ("kl", "entropy", "pg_loss", "grad_norm", "grad_clipped", "skipped_steps") or k.startswith("mismatch/")
+            top = (k in ("kl", "entropy", "pg_loss", "grad_norm", "grad_clipped", "skipped_steps")
+                   or k.startswith("mismatch/"))
             values[k if top else f"policy/{k}"] = v
         self.log_train(values, len(rollout))
 

@@ -12,9 +12,25 @@ from lit_align.algorithms.online import OnlineRLModule, RolloutCorrectionSpec
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
 from lit_align.algorithms.steps import StepMetrics
 from lit_align.distributed import all_reduce
-from lit_align.losses import (POLICY_LOSSES, adaptive_kl_coef, explained_variance, gae, kl_penalty, kl_shaped_rewards,
-                              masked_whiten, policy_loss, value_loss)
-from lit_align.models import CausalLMSpec, LoraSpec, build_reward_model, disable_dropout, load_reward_model, token_scores
+from lit_align.losses import (
+    POLICY_LOSSES,
+    adaptive_kl_coef,
+    explained_variance,
+    gae,
+    kl_penalty,
+    kl_shaped_rewards,
+    masked_whiten,
+    policy_loss,
+    value_loss,
+)
+from lit_align.models import (
+    CausalLMSpec,
+    LoraSpec,
+    build_reward_model,
+    disable_dropout,
+    load_reward_model,
+    token_scores,
+)
 from lit_align.rewards import RewardSpec
 from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, completion_logprobs
 
@@ -115,17 +131,20 @@ class PPO(OnlineRLModule):
         self.check_settings([
             (not 0.0 <= gamma <= 1.0 or not 0.0 <= lam <= 1.0, f"gamma / lam: must be in [0, 1], got {gamma}, {lam}"),
             (not 0.0 < clip_range < 1.0, f"clip_range: must be in (0, 1), got {clip_range}"),
-            (clip_range_value is not None and clip_range_value <= 0, f"clip_range_value: must be > 0 or null, got {clip_range_value}"),
+            (clip_range_value is not None and clip_range_value <= 0,
+             f"clip_range_value: must be > 0 or null, got {clip_range_value}"),
             (vf_coef <= 0, f"vf_coef: must be > 0, got {vf_coef}"),
             (entropy_coef < 0, f"entropy_coef: must be >= 0, got {entropy_coef}"),
             (ppo_epochs < 1 or mini_batches < 1, "ppo_epochs and mini_batches must be >= 1"),
-            (missing_eos_penalty is not None and missing_eos_penalty < 0, f"missing_eos_penalty: must be >= 0, got {missing_eos_penalty}"),
+            (missing_eos_penalty is not None and missing_eos_penalty < 0,
+             f"missing_eos_penalty: must be >= 0, got {missing_eos_penalty}"),
             (adaptive_kl is not None and beta == 0, "adaptive_kl: needs beta > 0 (a reference to measure KL against)"),
             (policy_loss not in POLICY_LOSSES, f"policy_loss: {policy_loss!r} is not one of {tuple(POLICY_LOSSES)}"),
         ])
         self.save_hyperparameters()
-        self.missing_eos_penalty, self.gamma, self.lam, self.whiten_advantages = missing_eos_penalty, gamma, lam, whiten_advantages
-        self.clip_range, self.clip_range_value, self.vf_coef, self.entropy_coef = clip_range, clip_range_value, vf_coef, entropy_coef
+        self.missing_eos_penalty, self.whiten_advantages = missing_eos_penalty, whiten_advantages
+        self.gamma, self.lam, self.vf_coef, self.entropy_coef = gamma, lam, vf_coef, entropy_coef
+        self.clip_range, self.clip_range_value = clip_range, clip_range_value
         self.ppo_epochs, self.mini_batches, self.policy_loss = ppo_epochs, mini_batches, policy_loss
         self.critic_optim = critic_optim or self.optim
         rm_paths = [spec.args.get("path") for spec in self.rewards.specs if spec.name == "reward_model"]
@@ -252,7 +271,8 @@ class PPO(OnlineRLModule):
         critic_loss = self.vf_coef * vf_loss * share
         metrics = {"policy/pg_loss": pg_loss.detach(), "policy/clip_frac": pg["clip_frac_low"] + pg["clip_frac_high"],
                    "policy/approx_kl": pg["approx_kl"], "policy/ratio_mean": pg["ratio_mean"],
-                   "entropy": ent.detach(), "value/loss": (vf_loss * share).detach(), "value/clip_frac": vf["clip_frac"]}
+                   "entropy": ent.detach(), "value/loss": (vf_loss * share).detach(),
+                   "value/clip_frac": vf["clip_frac"]}
         return actor_loss, critic_loss, metrics
 
     def update(self, rollout: RolloutBatch, old_values: torch.Tensor, advantages: torch.Tensor,

@@ -99,7 +99,8 @@ class RewardModel(CausalLMModule):
 
     def _update_metrics(self, stage: str, loss: torch.Tensor, chosen: torch.Tensor, rejected: torch.Tensor,
                         on_step: bool) -> None:
-        values = {"loss": loss.detach(), "accuracy": (chosen > rejected).float(), "margin": (chosen - rejected).detach(),
+        values = {"loss": loss.detach(), "accuracy": (chosen > rejected).float(),
+                  "margin": (chosen - rejected).detach(),
                   "chosen_score": chosen.detach(), "rejected_score": rejected.detach()}
         n = chosen.shape[0]
         for name, value in values.items():

@@ -5,7 +5,8 @@ resumable loaders."""
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info

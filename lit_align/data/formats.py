@@ -6,8 +6,9 @@ A segment with ``train=True`` is a completion / assistant turn: its tokens carry
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 FORMATS = ("auto", "prompt_completion", "messages", "alpaca", "sharegpt")
 ROLES = ("system", "user", "assistant", "tool")

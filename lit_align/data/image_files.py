@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import datasets
 import torch
@@ -60,10 +61,10 @@ def image_refs(value: Any, column: str, root: str, where: Where) -> list[ImageRe
             path = v if os.path.isabs(v) else os.path.join(root, v)
             if not os.path.isfile(path):
                 raise where(field, f"image file {path!r} does not exist")
-            _verify(lambda: Image.open(path), f"image file {path!r}", field, where)
+            _verify(lambda path=path: Image.open(path), f"image file {path!r}", field, where)
             refs.append(path)
         elif isinstance(v, bytes):
-            _verify(lambda: Image.open(io.BytesIO(v)), "image bytes", field, where)
+            _verify(lambda v=v: Image.open(io.BytesIO(v)), "image bytes", field, where)
             refs.append(v)
         else:
             raise where(field, f"expected an image path, a datasets.Image value or null, got {v!r:.60}")

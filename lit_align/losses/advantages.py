@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -37,7 +37,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     if scale not in ADVANTAGE_SCALES:
         raise ValueError(f"group_advantages: scale {scale!r} is not one of {ADVANTAGE_SCALES}")
     if rewards.dim() != 1 or group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(f"group_advantages: rewards {tuple(rewards.shape)} is not a whole number of groups of {group_size}")
+        raise ValueError(f"group_advantages: rewards {tuple(rewards.shape)} is not a whole number of groups of "
+                         f"{group_size}")
     grouped = rewards.float().view(-1, group_size)
     centered = grouped - grouped.mean(-1, keepdim=True)
     if scale == "group":
@@ -68,7 +69,8 @@ def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
     return group_advantages(rewards, group_size, scale="none") * (group_size / (group_size - 1))
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
+        lam: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016, eq. 16) over response tokens.
 
     Args:
@@ -85,7 +87,8 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);  A_t = delta_t + gamma * lam * A_{t+1}.
     """
     if not (rewards.shape == values.shape == mask.shape) or rewards.dim() != 2:
-        raise ValueError(f"gae: rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask {tuple(mask.shape)} must all be [B, T]")
+        raise ValueError(f"gae: rewards {tuple(rewards.shape)}, values {tuple(values.shape)} and mask "
+                         f"{tuple(mask.shape)} must all be [B, T]")
     mask = mask.to(torch.float32)
     rewards = rewards.float() * mask
     values = values.float() * mask

@@ -3,7 +3,7 @@ in the registry :data:`AGG_MODES`."""
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -67,7 +67,8 @@ def aggregate_loss(loss_mat: torch.Tensor, mask: torch.Tensor, mode: str, max_le
     """
     fn = lookup(AGG_MODES, "aggregate_loss: mode", mode)
     if loss_mat.shape != mask.shape or loss_mat.dim() != 2:
-        raise ValueError(f"aggregate_loss: loss_mat {tuple(loss_mat.shape)} and mask {tuple(mask.shape)} must both be [B, T]")
+        raise ValueError(f"aggregate_loss: loss_mat {tuple(loss_mat.shape)} and mask {tuple(mask.shape)} "
+                         "must both be [B, T]")
     mask = mask.to(loss_mat.dtype)
     seqs = num_seqs if num_seqs is not None else loss_mat.shape[0]
     return fn(loss_mat * mask, mask, max_len, num_tokens, seqs)

@@ -14,7 +14,7 @@ a logged metric) k1 and k3 are unbiased for KL(pi || ref) and k2 is biased but l
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

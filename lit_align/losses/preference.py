@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -94,7 +94,8 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         raise ValueError(f"dpo_loss: label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if label_smoothing and not fn.label_smoothing:
         raise ValueError(f"dpo_loss: label_smoothing applies to "
-                         f"{', '.join(k for k, v in PREFERENCE_LOSSES.items() if v.label_smoothing)}, not {loss_type!r}")
+                         f"{', '.join(k for k, v in PREFERENCE_LOSSES.items() if v.label_smoothing)}, "
+                         f"not {loss_type!r}")
     h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
     losses = fn(h, beta, label_smoothing)
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()

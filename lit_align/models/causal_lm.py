@@ -47,7 +47,8 @@ class CausalLMSpec:
 
     def __post_init__(self) -> None:
         if (self.pretrained is None) == (self.config is None):
-            raise ValueError("model: give exactly one of `pretrained` (hub id or local dir) and `config` (inline config)")
+            raise ValueError("model: give exactly one of `pretrained` (hub id or local dir) "
+                             "and `config` (inline config)")
         if self.config is not None and "model_type" not in self.config:
             raise ValueError("model.config: needs a `model_type` (e.g. llama, qwen2, gpt2)")
         if self.dtype not in _DTYPES:
@@ -67,9 +68,11 @@ def build_hf_config(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase):
     kwargs.setdefault("vocab_size", len(tokenizer))
     kwargs.setdefault("pad_token_id", tokenizer.pad_token_id)
     kwargs.setdefault("eos_token_id", tokenizer.eos_token_id)
-    kwargs.setdefault("bos_token_id", tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)
+    kwargs.setdefault("bos_token_id",
+                      tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id)
     if kwargs["vocab_size"] < len(tokenizer):
-        raise ValueError(f"model.config.vocab_size={kwargs['vocab_size']} is smaller than the tokenizer's {len(tokenizer)} ids")
+        raise ValueError(f"model.config.vocab_size={kwargs['vocab_size']} is smaller than the tokenizer's "
+                         f"{len(tokenizer)} ids")
     return AutoConfig.for_model(model_type, **kwargs)
 
 

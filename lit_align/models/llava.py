@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,11 +39,13 @@ def add_image_token(tokenizer: PreTrainedTokenizerBase) -> int:
     ``len(tokenizer)`` afterwards."""
     ids = tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)
     if len(ids) != 1:
-        tokenizer.add_special_tokens({"extra_special_tokens": [AddedToken(IMAGE_TOKEN, special=True, normalized=False)]},
-                                     replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens(
+            {"extra_special_tokens": [AddedToken(IMAGE_TOKEN, special=True, normalized=False)]},
+            replace_extra_special_tokens=False)
         ids = tokenizer.encode(IMAGE_TOKEN, add_special_tokens=False)
     if len(ids) != 1:
-        raise ValueError(f"tokenizer {type(tokenizer).__name__}: {IMAGE_TOKEN!r} still encodes to {ids} after adding it")
+        raise ValueError(f"tokenizer {type(tokenizer).__name__}: {IMAGE_TOKEN!r} still encodes to {ids} "
+                         "after adding it")
     return int(ids[0])
 
 
@@ -100,7 +103,8 @@ class LlavaModel(nn.Module):
         images_so_far = 0
         for row, found in enumerate(per_row):
             if found % n:
-                raise ValueError(f"row {row}: {found} image-token positions, not a multiple of the {n} tokens per image")
+                raise ValueError(f"row {row}: {found} image-token positions, not a multiple of the {n} tokens "
+                                 "per image")
             images_so_far += found // n
             if images_so_far > num_images:
                 raise ValueError(f"row {row}: has image placeholders beyond the {num_images} image(s) in pixel_values")

@@ -14,7 +14,7 @@ import os
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
 
-from lit_align.models.causal_lm import CausalLMSpec, _DTYPES, build_hf_model
+from lit_align.models.causal_lm import _DTYPES, CausalLMSpec, build_hf_model
 from lit_align.models.tokenizer import build_tokenizer
 
 
@@ -29,8 +29,8 @@ def build_reward_model(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase) -
         raise ValueError(f"model.config.num_labels={spec.config['num_labels']}: a reward model has one output")
     model = build_hf_model(spec, tokenizer, AutoModelForSequenceClassification, num_labels=1)
     if reward_head(model).out_features != 1:
-        raise ValueError(f"{type(model).__name__} from {spec.pretrained!r} has {reward_head(model).out_features} outputs,"
-                         " not 1")
+        raise ValueError(f"{type(model).__name__} from {spec.pretrained!r} has {reward_head(model).out_features} "
+                         "outputs, not 1")
     # HF's own pooling (used by `model(...)` outside lit_align) finds the last token that is
     # not pad_token_id and refuses batches without one; give it the tokenizer's pad.
     if model.config.pad_token_id is None:

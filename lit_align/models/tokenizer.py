@@ -39,7 +39,8 @@ def _declared_class(path: str):
     return getattr(transformers, name, None) if isinstance(name, str) else None
 
 
-def build_tokenizer(name_or_path: str | None, padding_side: str = "right", trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+def build_tokenizer(name_or_path: str | None, padding_side: str = "right",
+                    trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer.
 
     Args:

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -62,7 +63,8 @@ class VisionTowerSpec:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError("vision_tower.name: give a model name of the library, e.g. ViT-B-32")
         if self.select_feature not in SELECT_FEATURES:
-            raise ValueError(f"vision_tower.select_feature: {self.select_feature!r} is not one of {list(SELECT_FEATURES)}")
+            raise ValueError(f"vision_tower.select_feature: {self.select_feature!r} is not one of "
+                             f"{list(SELECT_FEATURES)}")
         if isinstance(self.select_layer, bool) or not isinstance(self.select_layer, int):
             raise ValueError(f"vision_tower.select_layer: must be an int block index, got {self.select_layer!r}")
         if self.kwargs is not None and not isinstance(self.kwargs, dict):
@@ -114,7 +116,8 @@ def _build_open_clip(spec: VisionTowerSpec, load_weights: bool) -> tuple[nn.Modu
                                         image_resize_mode=tag_cfg.get("resize_mode"))
         else:
             raise ValueError(f"vision_tower.pretrained: {spec.pretrained!r} is neither an existing file nor a "
-                             f"pretrained tag of {spec.name} (tags: {open_clip.list_pretrained_tags_by_model(spec.name)})")
+                             f"pretrained tag of {spec.name} (tags: "
+                             f"{open_clip.list_pretrained_tags_by_model(spec.name)})")
     model, _, preprocess = open_clip.create_model_and_transforms(
         spec.name, pretrained=pretrained, pretrained_text=False, **transform_kwargs, **model_kwargs)
     visual = model.visual
@@ -214,7 +217,7 @@ class VisionTower(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.model.parameters()).dtype
 
-    def train(self, mode: bool = True) -> "VisionTower":
+    def train(self, mode: bool = True) -> VisionTower:
         """A frozen tower stays in eval mode whatever its parent asks (no dropout, no patch drop)."""
         return super().train(mode and not self.spec.freeze)
 

@@ -10,8 +10,8 @@ Example::
                          max_new_tokens=16)
 """
 
-from lit_align.rewards.base import REWARDS, RewardError, RewardSpec, Rewards, register_reward
 from lit_align.rewards import builtin as _builtin  # noqa: F401  (registers arith_match, format, overlong)
+from lit_align.rewards.base import REWARDS, RewardError, Rewards, RewardSpec, register_reward
 from lit_align.rewards.reward_model import RewardModelReward
 
 __all__ = ["REWARDS", "RewardError", "RewardSpec", "Rewards", "register_reward", "RewardModelReward"]

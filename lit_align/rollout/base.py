@@ -11,8 +11,9 @@ from __future__ import annotations
 import abc
 import inspect
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -114,7 +115,7 @@ class RolloutEngine(abc.ABC):
         segments = self.segments(len(rollout)) if self.segments is not None else None
         rollout.logprobs = chunked_logprobs(model, rollout, temperature, self.logprob_batch_size, segments)
 
-    def check(self, model_config, sampling: SamplingParams) -> None:
+    def check(self, model_config, sampling: SamplingParams) -> None:  # noqa: B027 - a hook whose default accepts all
         """Raise ``ValueError`` for a model or sampling setting this engine cannot serve.
 
         Online RL modules call it at construction, before any weights load, with the policy's

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
-from typing import Iterator
 
 import torch
 
@@ -66,7 +66,7 @@ class RolloutBatch:
     def attention_mask(self) -> torch.Tensor:
         return torch.cat([self.prompt_mask, self.completion_mask], dim=1)
 
-    def select(self, rows: torch.Tensor | list[int]) -> "RolloutBatch":
+    def select(self, rows: torch.Tensor | list[int]) -> RolloutBatch:
         """The given rows, in order (whole groups keep their grouping only if ``rows`` keeps them whole)."""
         rows = torch.as_tensor(rows, dtype=torch.long)
         idx = rows.tolist()
@@ -81,7 +81,7 @@ class RolloutBatch:
                 out[f.name] = v
         return RolloutBatch(**out)
 
-    def trimmed(self) -> "RolloutBatch":
+    def trimmed(self) -> RolloutBatch:
         """The same rows without columns that are padding in every row (left of the prompts,
         right of the completions): a micro-batch's forward costs only what it needs."""
         keep_p = self.prompt_mask.any(0).nonzero()
@@ -96,7 +96,7 @@ class RolloutBatch:
                 out[name] = out[name][:, :c1]
         return RolloutBatch(**out)
 
-    def chunks(self, size: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[list[int], "RolloutBatch"]]:
+    def chunks(self, size: int, lo: int = 0, hi: int | None = None) -> Iterator[tuple[list[int], RolloutBatch]]:
         """``(rows, chunk)`` for consecutive chunks of at most ``size`` rows of ``[lo, hi)``, each
         :meth:`trimmed`: the one layout of every pass over a rollout (scoring, reference, values and
         training micro-batches), so values computed chunk by chunk line up with the training
@@ -107,7 +107,7 @@ class RolloutBatch:
             yield rows, self.select(rows).trimmed()
 
     @staticmethod
-    def cat(batches: list["RolloutBatch"], pad_id: int) -> "RolloutBatch":
+    def cat(batches: list[RolloutBatch], pad_id: int) -> RolloutBatch:
         """Rows of several rollouts (same group size), re-padded to common widths."""
         if not batches:
             raise ValueError("RolloutBatch.cat: nothing to concatenate")

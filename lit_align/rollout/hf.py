@@ -8,8 +8,13 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 from transformers import GenerationConfig
-from transformers.generation.logits_process import (LogitsProcessor, LogitsProcessorList, TemperatureLogitsWarper,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from lit_align import distributed
 from lit_align.distributed import is_sharded
@@ -80,7 +85,9 @@ class SamplerLogprobs(LogitsProcessor):
         steps = self.steps[:c]
         if len(steps) < c and self.last is not None:
             steps.append(self.last.gather(-1, completion_ids[:, len(steps), None]).squeeze(-1))
-        return torch.stack(steps, dim=1) if steps else completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32)
+        if not steps:
+            return completion_ids.new_zeros(completion_ids.shape, dtype=torch.float32)
+        return torch.stack(steps, dim=1)
 
 
 @_without_autograd
@@ -104,7 +111,8 @@ def hf_generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samp
     greedy = sampling.temperature == 0
     n = 1 if greedy else sampling.n
     if greedy:  # HF refuses num_return_sequences > 1 without sampling: repeat the prompts instead
-        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(sampling.n, 0), prompt_mask.repeat_interleave(sampling.n, 0)
+        prompt_ids = prompt_ids.repeat_interleave(sampling.n, 0)
+        prompt_mask = prompt_mask.repeat_interleave(sampling.n, 0)
     processors = LogitsProcessorList()
     if not greedy:  # transformers' own warpers, in its own order
         if sampling.temperature != 1.0:
@@ -139,7 +147,8 @@ def completion_masks(completion_ids: torch.Tensor, eos_token_id: int | list[int]
                             device=completion_ids.device)
     is_eos = torch.isin(completion_ids, stops)
     has_eos = is_eos.any(-1)
-    first = torch.where(has_eos, is_eos.int().argmax(-1), torch.full_like(has_eos, completion_ids.shape[1], dtype=torch.long))
+    first = torch.where(has_eos, is_eos.int().argmax(-1),
+                        torch.full_like(has_eos, completion_ids.shape[1], dtype=torch.long))
     positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
     mask = (positions[None, :] <= first[:, None]).long()
     return mask, ~has_eos
@@ -159,7 +168,8 @@ def completion_logits(model: torch.nn.Module, rollout: RolloutBatch) -> torch.Te
 
 
 def completion_logprobs(model: torch.nn.Module, rollout: RolloutBatch, temperature: float = 1.0,
-                        with_entropy: bool = False, entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+                        with_entropy: bool = False,
+                        entropy_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs ``[N, C]`` (float32, 0 off the completion mask) of the sampled tokens under
     ``softmax(logits / temperature)``, and their entropy ``[N, C]`` if asked (differentiable
     with ``entropy_grad``, for an entropy bonus).

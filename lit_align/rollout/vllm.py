@@ -121,10 +121,12 @@ class VLLMEngine(RolloutEngine):
         checks = [
             (g is not None and not (isinstance(g, (int, float)) and math.isfinite(g) and 0 < g <= 1),
              f"gpu_memory_utilization: need a number in (0, 1], got {g}"),
-            (kv_cache_memory_bytes is not None and not (isinstance(kv_cache_memory_bytes, int) and kv_cache_memory_bytes > 0),
+            (kv_cache_memory_bytes is not None
+             and not (isinstance(kv_cache_memory_bytes, int) and kv_cache_memory_bytes > 0),
              f"kv_cache_memory_bytes: need a positive integer, got {kv_cache_memory_bytes}"),
             (g is not None and kv_cache_memory_bytes is not None,
-             "gpu_memory_utilization and kv_cache_memory_bytes: vLLM ignores the first when the second is set; give one"),
+             "gpu_memory_utilization and kv_cache_memory_bytes: vLLM ignores the first when the second is set; "
+             "give one"),
             (not isinstance(tensor_parallel_size, int) or tensor_parallel_size < 1,
              f"tensor_parallel_size: need an integer >= 1, got {tensor_parallel_size}"),
             (max_model_len is not None and not (isinstance(max_model_len, int) and max_model_len >= 1),
@@ -175,7 +177,8 @@ class VLLMEngine(RolloutEngine):
         tp = self.settings["tensor_parallel_size"]
         heads = getattr(model_config, "num_attention_heads", None) or getattr(model_config, "n_head", None)
         if heads and heads % tp:
-            raise ValueError(f"engine vllm: tensor_parallel_size {tp} does not divide the model's {heads} attention heads")
+            raise ValueError(f"engine vllm: tensor_parallel_size {tp} does not divide the model's {heads} attention "
+                             "heads")
         if self.platform.is_cpu() and heads:
             from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
@@ -288,7 +291,8 @@ class VLLMEngine(RolloutEngine):
         return int(torch.randint(0, 2**40, (1,), generator=self._generator))
 
     def _requests(self, prompts: dict, sampling: SamplingParams, base_seed: int) -> tuple[list, list]:
-        ids = [row[mask.bool()].tolist() for row, mask in zip(prompts["prompt_ids"].cpu(), prompts["prompt_mask"].cpu())]
+        ids = [row[mask.bool()].tolist() for row, mask in zip(prompts["prompt_ids"].cpu(),
+                                                              prompts["prompt_mask"].cpu())]
         stops = sampling.stop_ids(self.tokenizer)
         common = dict(max_tokens=sampling.max_new_tokens, stop_token_ids=stops, ignore_eos=True, logprobs=0,
                       detokenize=False, skip_special_tokens=False)

@@ -5,7 +5,7 @@ time, never the whole model at once on a rank) and on a peft LoRA policy (adapte
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -31,7 +31,8 @@ def _check_strategy(model: torch.nn.Module) -> None:
 
 
 def _lora_classes():
-    from peft.tuners.lora import Linear as LoraLinear, LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
     from peft.utils import ModulesToSaveWrapper
 
     return LoraLinear, LoraLayer, ModulesToSaveWrapper

@@ -92,14 +92,15 @@ class GradCapture(L.Callback):
         self.grads = []
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.grads.append({n: p.grad.detach().clone() for n, p in pl_module.model.named_parameters() if p.grad is not None})
+        self.grads.append({n: p.grad.detach().clone()
+                           for n, p in pl_module.model.named_parameters() if p.grad is not None})
 
 
 def _step_grads(tmp_path, micro, accumulate, **kw):
     capture = GradCapture()
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, max_steps=1, accumulate_grad_batches=accumulate,
-                        callbacks=[capture], default_root_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, max_steps=1,
+                        accumulate_grad_batches=accumulate, callbacks=[capture], default_root_dir=str(tmp_path))
     # sft_weight adds a per-pair NLL term: the step mean must hold for it too
     module = DPO(model=CausalLMSpec(config=tiny_config(), seed=1), optim=OptimSpec(lr=1e-3, warmup_steps=0),
                  eval_max_new_tokens=0, sft_weight=0.5, **kw)
@@ -147,9 +148,9 @@ def test_dpo_reward_accuracy_rises(tmp_path):
                  optim=OptimSpec(lr=3e-3, warmup_steps=10), beta=0.1, eval_max_new_tokens=0)
     data = PreferenceDataModule(task=ArithTask(digits=1, val_size=20), max_length=16, micro_batch_size=32,
                                 eval_batch_size=40)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, max_steps=150, val_check_interval=150, check_val_every_n_epoch=None,
-                        num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_steps=150, val_check_interval=150,
+                        check_val_every_n_epoch=None, num_sanity_val_steps=0, default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=data)
     assert trainer.callback_metrics["val/rewards/accuracies"] >= 0.8
     assert trainer.callback_metrics["val/rewards/margins"] > 0

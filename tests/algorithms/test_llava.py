@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from lit_align import LLaVA, CausalLMSpec, ImageInstructionDataModule, ShapesTask
+from lit_align import CausalLMSpec, ImageInstructionDataModule, LLaVA, ShapesTask
 from lit_align.models.llava import load_llava
 from lit_align.models.vision import VisionTowerSpec
 from tests.conftest import fit_recipe, tiny_config, write_tiny_export
@@ -117,7 +117,8 @@ def test_fsdp2_is_refused_with_a_clear_message():
         m.configure_model()
 
 
-TINY = ["--model.init_args.vision_tower.kwargs", '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}',
+TINY = ["--model.init_args.vision_tower.kwargs",
+        '{"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}',
         "--data.init_args.task.train_size", "32", "--model.init_args.eval_max_new_tokens", "4"]
 
 

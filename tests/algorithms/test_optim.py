@@ -43,7 +43,8 @@ def test_default_is_adamw_with_warmup_and_cosine_and_no_decay_on_1d_weights():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(lr=0.0), "lr=0.0"), (dict(warmup_steps=-1), "warmup_steps=-1"), (dict(warmup_ratio=1.0), "warmup_ratio"),
-    (dict(min_lr_ratio=2.0), "min_lr_ratio"), (dict(betas=(0.9, 1.5)), "betas"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(min_lr_ratio=2.0), "min_lr_ratio"), (dict(betas=(0.9, 1.5)), "betas"),
+    (dict(weight_decay=-0.1), "weight_decay"),
     (dict(total_steps=0), "total_steps"), (dict(grad_clip=0.0), "grad_clip"), (dict(schedule="step"), "schedule"),
 ])
 def test_invalid_settings_fail_at_construction(kwargs, match):
@@ -62,9 +63,9 @@ def _fit(tmp_path, grad_clip, trainer_clip=None):
     module = SFT(model=CausalLMSpec(config=tiny_config(), seed=1),
                  optim=OptimSpec(lr=1e-3, warmup_steps=0, grad_clip=grad_clip), eval_max_new_tokens=0)
     data = InstructionDataModule(task=ArithTask(digits=2, train_size=8, val_size=4), max_length=16, micro_batch_size=8)
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, max_steps=2, gradient_clip_val=trainer_clip,
-                        callbacks=[Norms()], default_root_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, max_steps=2,
+                        gradient_clip_val=trainer_clip, callbacks=[Norms()], default_root_dir=str(tmp_path))
     trainer.fit(module, datamodule=data)
     return norms
 
@@ -73,6 +74,7 @@ def test_optim_grad_clip_clips_automatically_optimised_modules(tmp_path):
     unclipped = _fit(tmp_path, grad_clip=None)
     assert min(unclipped) > 0.05  # a random-init model's first gradients are larger than the clip below
     assert max(_fit(tmp_path, grad_clip=0.05)) == pytest.approx(0.05, rel=1e-4)
-    assert max(_fit(tmp_path, grad_clip=0.05, trainer_clip=0.05)) == pytest.approx(0.05, rel=1e-4)  # repeating it is fine
+    # repeating it is fine
+    assert max(_fit(tmp_path, grad_clip=0.05, trainer_clip=0.05)) == pytest.approx(0.05, rel=1e-4)
     with pytest.raises(ValueError, match="gradient_clip_val=0.5 and optim.grad_clip=0.05"):
         _fit(tmp_path, grad_clip=0.05, trainer_clip=0.5)

@@ -14,12 +14,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from lightning.pytorch.strategies import DDPStrategy
 
-from lit_align import DAPO, GRPO, GSPO, PPO, CausalLMSpec, LoraSpec, OptimSpec, PolicyGradient
+from lit_align import DAPO, GRPO, GSPO, PPO, CausalLMSpec, OptimSpec, PolicyGradient
 from lit_align.algorithms.policy_gradient import DEFAULT_GENERATION_ROUNDS
 from lit_align.losses import AGG_MODES, aggregate_loss, group_advantages
 from lit_align.rewards import RewardSpec
-from lit_align.rollout import (RolloutBatch, RolloutEngine, SamplingParams, chunked_logprobs, completion_masks,
-                               decode_completions)
+from lit_align.rollout import (
+    RolloutBatch,
+    RolloutEngine,
+    SamplingParams,
+    chunked_logprobs,
+    completion_masks,
+    decode_completions,
+)
 from lit_align.train import main
 from tests.conftest import REPO, arith_prompts, fit_recipe, sample_rollout, tiny_config
 
@@ -54,7 +60,8 @@ class FixedEngine(RolloutEngine):
         ids = torch.where(mask.bool(), ids, torch.full_like(ids, tok.pad_token_id))
         b = len(prompts["prompt_ids"])
         rollout = RolloutBatch(
-            prompt_ids=prompts["prompt_ids"].repeat_interleave(n, 0), prompt_mask=prompts["prompt_mask"].repeat_interleave(n, 0),
+            prompt_ids=prompts["prompt_ids"].repeat_interleave(n, 0),
+            prompt_mask=prompts["prompt_mask"].repeat_interleave(n, 0),
             completion_ids=ids, completion_mask=mask, logprobs=torch.zeros(ids.shape), truncated=truncated,
             prompts=[p for p in prompts.get("prompts", [""] * b) for _ in range(n)],
             completions=decode_completions(tok, ids),
@@ -149,7 +156,8 @@ def test_presets_carry_their_papers_defaults_and_accept_overrides():
     assert (gspo.hparams.importance_sampling_level, gspo.hparams.clip_low, gspo.hparams.clip_high,
             gspo.hparams.beta) == ("sequence", 3e-4, 4e-4, 0.0)
     assert (dapo.hparams.clip_low, dapo.hparams.clip_high, dapo.hparams.loss_agg_mode, dapo.hparams.beta,
-            dapo.hparams.dynamic_sampling, dapo.hparams.overlong_filtering) == (0.2, 0.28, "token-mean", 0.0, True, True)
+            dapo.hparams.dynamic_sampling, dapo.hparams.overlong_filtering) == \
+        (0.2, 0.28, "token-mean", 0.0, True, True)
     assert dapo.rewards.names[-1] == "overlong" and dapo.rewards.weights[-1] == 1.0  # soft overlong punishment
     assert dapo.max_generation_rounds == DEFAULT_GENERATION_ROUNDS
     assert GRPO(model=spec, rewards=rewards, beta=0.0).hparams.beta == 0.0  # no KL: no estimator to reject
@@ -502,7 +510,7 @@ def test_several_iterations_use_the_rollout_log_probs_as_old(tmp_path):
     assert trainer.global_step == 6 and len(calls["collect"]) == 1
     rollout = calls["collect"][0][0]
     half = len(rollout) // 2
-    for k, (old, metrics) in enumerate(calls["micro"]):
+    for k, (old, _) in enumerate(calls["micro"]):
         rows = slice(0, half) if k % 2 == 0 else slice(half, None)
         assert torch.equal(old, rollout.logprobs[rows])
     first, later = calls["micro"][0][1], [c[1] for c in calls["micro"][2:]]

@@ -96,7 +96,8 @@ class RankRecord(L.Callback):
 
 def _run(strategy, tmp_path, tiny_export):
     record = tmp_path / "record"
-    callbacks = f"[{{class_path: tests.algorithms.test_ppo_distributed.RankRecord, init_args: {{directory: {record}}}}}]"
+    callbacks = (f"[{{class_path: tests.algorithms.test_ppo_distributed.RankRecord, "
+                 f"init_args: {{directory: {record}}}}}]")
     cmd = [sys.executable, "-m", "lit_align.train", "fit", "--config", RECIPE,
            "--config", os.path.join(STRATEGIES, f"{strategy}.yaml"), "--trainer.accelerator", "cpu",
            "--model.init_args.model.pretrained", tiny_export,

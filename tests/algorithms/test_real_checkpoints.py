@@ -113,7 +113,8 @@ def test_every_zoo_checkpoint_eos_list_joins_the_stop_ids(zoo):
 
 def test_a_run_that_never_stops_warns_with_the_stop_ids(zoo):
     m = _grpo(zoo["qwen2_base"])
-    rollout = RolloutBatch(prompt_ids=torch.ones(2, 2, dtype=torch.long), prompt_mask=torch.ones(2, 2, dtype=torch.long),
+    rollout = RolloutBatch(prompt_ids=torch.ones(2, 2, dtype=torch.long),
+                           prompt_mask=torch.ones(2, 2, dtype=torch.long),
                            completion_ids=torch.ones(2, 3, dtype=torch.long),
                            completion_mask=torch.ones(2, 3, dtype=torch.long), logprobs=torch.zeros(2, 3),
                            truncated=torch.tensor([True, True]), group_size=2)
@@ -185,7 +186,8 @@ def test_rollout_correction_weights_enter_the_policy_loss():
     _, batch = _prompts(on)
     torch.manual_seed(0)
     rollout = on.sample(batch)[0]
-    rollout.sampler_logprobs = rollout.logprobs - 0.5 * (torch.arange(len(rollout)) % 2)[:, None] * rollout.completion_mask
+    rollout.sampler_logprobs = (rollout.logprobs
+                                - 0.5 * (torch.arange(len(rollout)) % 2)[:, None] * rollout.completion_mask)
     weights, metrics = on.correction(rollout)
     # odd rows: sampler log-probs 0.5 lower per token, ratio e^0.5 per token > 1: masked out
     expected = (torch.arange(len(rollout)) % 2 == 0).float()[:, None] * rollout.completion_mask
@@ -246,7 +248,8 @@ def test_a_mini_batch_without_a_loss_token_takes_no_optimizer_step():
              mini_batches=2, forward_batch_size=2, eval_max_new_tokens=0,
              sampling=SamplingParams(max_new_tokens=4, temperature=1.0))
     m.configure_model()
-    rollout = RolloutBatch(prompt_ids=torch.ones(4, 2, dtype=torch.long), prompt_mask=torch.ones(4, 2, dtype=torch.long),
+    rollout = RolloutBatch(prompt_ids=torch.ones(4, 2, dtype=torch.long),
+                           prompt_mask=torch.ones(4, 2, dtype=torch.long),
                            completion_ids=torch.full((4, 3), 5), completion_mask=torch.ones(4, 3, dtype=torch.long),
                            logprobs=torch.zeros(4, 3), truncated=torch.zeros(4, dtype=torch.bool), group_size=2)
     steps = []
@@ -278,7 +281,8 @@ def test_a_mini_batch_without_a_loss_token_takes_no_optimizer_step():
 def test_ppo_critic_starts_from_the_configured_reward_model(tiny_reward_export):
     from lit_align.models import load_reward_model
 
-    m = PPO(model=CausalLMSpec(config=tiny_config()), rewards=[RewardSpec("reward_model", args={"path": tiny_reward_export})],
+    m = PPO(model=CausalLMSpec(config=tiny_config()),
+            rewards=[RewardSpec("reward_model", args={"path": tiny_reward_export})],
             eval_max_new_tokens=0)
     m.configure_model()
     rm, _ = load_reward_model(tiny_reward_export)

@@ -142,7 +142,8 @@ def _step_grads(tmp_path, micro, accumulate, **data_kw):
 
 def _margin_files(tmp_path):
     rng = random.Random(0)
-    rows = [dict(r, margin=rng.choice([0.0, 0.5, 2.0])) for r in ArithTask(digits=2, val_size=4).rows("preference")["train"][:8]]
+    rows = [dict(r, margin=rng.choice([0.0, 0.5, 2.0]))
+            for r in ArithTask(digits=2, val_size=4).rows("preference")["train"][:8]]
     path = tmp_path / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {"data_files": {"train": str(path)}, "val_split": None, "test_split": None, "task": None}
@@ -226,8 +227,8 @@ def test_initialised_from_a_causal_lm_export(tmp_path):
 def test_validation_logs_pair_metrics_without_generation(tmp_path):
     module = _module(num_logged_samples=2)
     module.generate_greedy = None  # a reward model never generates
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(str(tmp_path)), enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=TensorBoardLogger(str(tmp_path)),
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
     metrics = trainer.validate(module, datamodule=_data(4), verbose=False)[0]
     assert set(metrics) == {f"val/{m}" for m in ("loss", "accuracy", "margin", "chosen_score", "rejected_score")}
     assert 0.0 <= metrics["val/accuracy"] <= 1.0
@@ -316,8 +317,7 @@ def test_recipe_runs_from_the_cli_and_its_checkpoint_loads(tmp_path):
     """configs/rm/arith.yaml end to end on a tiny causal LM export (LightningCLI stores the
     init arguments as dicts in the checkpoint), and a non-reward checkpoint is refused."""
     from lit_align.train import main
-    from tests.conftest import REPO
-    from tests.conftest import write_tiny_export
+    from tests.conftest import REPO, write_tiny_export
 
     cli = main(["fit", "--config", f"{REPO}/configs/rm/arith.yaml", "--model.init_args.model.pretrained",
                 write_tiny_export(tmp_path / "sft"), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",

@@ -20,7 +20,8 @@ class GradCapture(L.Callback):
 
 
 class StopAt(L.Callback):
-    """Ends a run after ``step`` optimizer steps, as a killed job would, leaving ``max_steps`` (and the LR schedule) unchanged."""
+    """Ends a run after ``step`` optimizer steps, as a killed job would, leaving ``max_steps`` (and the LR
+    schedule) unchanged."""
 
     def __init__(self, step):
         self.step = step
@@ -88,8 +89,8 @@ def test_resume_continues_at_the_same_step_and_batch(tmp_path):
 
     ckpt_dir = tmp_path / "ckpt"
     first = BatchCapture()
-    trainer = _trainer(tmp_path / "b", max_steps=6, enable_checkpointing=True, callbacks=[first, StopAt(4), ModelCheckpoint(
-        dirpath=str(ckpt_dir), every_n_train_steps=2, save_last=True, save_top_k=0)])
+    checkpoint = ModelCheckpoint(dirpath=str(ckpt_dir), every_n_train_steps=2, save_last=True, save_top_k=0)
+    trainer = _trainer(tmp_path / "b", max_steps=6, enable_checkpointing=True, callbacks=[first, StopAt(4), checkpoint])
     trainer.fit(_module(), datamodule=_data(2, rows=16))
     assert os.path.exists(ckpt_dir / "last.ckpt")
     state = torch.load(ckpt_dir / "last.ckpt", weights_only=False)
@@ -105,7 +106,7 @@ def test_resume_continues_at_the_same_step_and_batch(tmp_path):
         assert torch.equal(got, want)
     # same weights as the uninterrupted run: AdamW moments and the LR schedule came back too
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 6
-    for (name, got), want in zip(module.named_parameters(), reference.parameters()):
+    for (_, got), want in zip(module.named_parameters(), reference.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 

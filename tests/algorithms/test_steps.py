@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from lit_align.algorithms.steps import StepMetrics, clip_grad_norm, mini_batch_bounds, step_scale
+from lit_align.models import build_tokenizer
 from lit_align.rollout import EngineSpec, build_engine
 from lit_align.rollout.hf import HFEngine
-from lit_align.models import build_tokenizer
 
 
 def test_step_scale_undoes_accumulation_only_for_automatic_modules():
@@ -46,7 +46,8 @@ def test_clip_grad_norm_returns_the_norm_before_clipping_and_clips_once():
 def test_step_metrics_reduce_shares_means_extremes_and_per_step_values():
     m = StepMetrics(shares=("loss",), mins=("low",), maxs=("high",))
     # two optimizer steps of two micro-batches each
-    for loss, acc, low, high in [(0.25, 0.5, 0.9, 1.1), (0.25, 1.0, 0.8, 1.3), (0.1, 0.0, 0.95, 1.0), (0.3, 0.5, 1.0, 1.2)]:
+    for loss, acc, low, high in [(0.25, 0.5, 0.9, 1.1), (0.25, 1.0, 0.8, 1.3), (0.1, 0.0, 0.95, 1.0),
+                                 (0.3, 0.5, 1.0, 1.2)]:
         m.add({"loss": torch.tensor(loss), "acc": acc, "low": low, "high": high})
     m.add_step({"grad_norm": 2.0})
     m.add_step({"grad_norm": 4.0})

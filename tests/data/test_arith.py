@@ -56,7 +56,8 @@ def test_operators_and_terms():
     assert ArithTask.solve("2+3*4") == 14 and ArithTask.solve("2-9") == -7
 
 
-@pytest.mark.parametrize("kwargs", [dict(digits=1), dict(digits=1, terms=3, operators="+-"), dict(digits=2, operators="*-")])
+@pytest.mark.parametrize("kwargs",
+                         [dict(digits=1), dict(digits=1, terms=3, operators="+-"), dict(digits=2, operators="*-")])
 def test_space_size_counts_the_problems(kwargs):
     task = ArithTask(val_size=10, **kwargs)
     assert task.space_size == len(set(task._all_problems()))

@@ -7,8 +7,16 @@ import pytest
 import torch
 
 from lit_align.data import InstructionDataModule
-from lit_align.data.batching import (PlannedBatches, ResumableLoader, collate_generation, collate_packed,
-                                     collate_rows, pack_rows, pad, plan_batches)
+from lit_align.data.batching import (
+    PlannedBatches,
+    ResumableLoader,
+    collate_generation,
+    collate_packed,
+    collate_rows,
+    pack_rows,
+    pad,
+    plan_batches,
+)
 from lit_align.data.encode import IGNORE_INDEX
 from tests.data.util import byte_tokenizer, write_jsonl
 
@@ -74,7 +82,8 @@ def test_pack_rows_fits_and_covers_every_row_once(seed):
 
 
 def test_plan_batches_without_shuffle_is_in_order():
-    assert plan_batches([1] * 7, 3, seed=0, epoch=0, shuffle=False, group_by_length=False) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert plan_batches([1] * 7, 3, seed=0, epoch=0, shuffle=False, group_by_length=False) == \
+        [[0, 1, 2], [3, 4, 5], [6]]
     assert plan_batches([1] * 7, 3, seed=0, epoch=0, shuffle=False, group_by_length=False, drop_last=True) == \
         [[0, 1, 2], [3, 4, 5]]
     # a multiple of the number of ranks

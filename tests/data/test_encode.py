@@ -18,7 +18,8 @@ def ids(text):
 
 
 def enc(prompt, completion, max_length, truncation="prompt"):
-    return encode_segments([Segment(prompt, False), Segment(completion, True)], byte_tokenizer(), max_length, truncation)
+    return encode_segments([Segment(prompt, False), Segment(completion, True)], byte_tokenizer(), max_length,
+                           truncation)
 
 
 def test_fits_exactly_no_truncation():

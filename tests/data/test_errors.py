@@ -109,7 +109,8 @@ def test_error_names_the_split_file(tmp_path):
     val = write_jsonl(tmp_path / "val.jsonl", [PC, {"prompt": "x", "completion": ""}])
     dm = InstructionDataModule(data_files={"train": train, "validation": val})
     dm.tokenizer = byte_tokenizer()
-    with pytest.raises(DataError, match="^" + re.escape(f"{val} [validation] row 1, field 'completion': is empty") + "$"):
+    with pytest.raises(DataError,
+                       match="^" + re.escape(f"{val} [validation] row 1, field 'completion': is empty") + "$"):
         dm.setup("fit")
 
 
@@ -187,7 +188,8 @@ def test_eval_group_error_names_the_rows_source_location_when_kept(tmp_path):
     dm.setup("fit")
     dm.group_key = "kind"
     with pytest.raises(DataError, match="^" + re.escape(
-            "validation row 2 (position after dropped rows), field 'kind': no column to group metrics by (columns: [])")):
+            "validation row 2 (position after dropped rows), field 'kind': "
+            "no column to group metrics by (columns: [])")):
         dm.eval_groups()
     dm.encoded["validation"][2]["where"] = Where(val, "validation", 3)  # as image rows keep it
     with pytest.raises(DataError, match="^" + re.escape(

@@ -4,8 +4,15 @@ import pytest
 
 from lit_align.data import DataError
 from lit_align.data.encode import IGNORE_INDEX, encode_segments
-from lit_align.data.formats import (DEFAULT_COLUMNS, Segment, Where, detect_format, lookup, renamed_columns,
-                                    row_to_segments)
+from lit_align.data.formats import (
+    DEFAULT_COLUMNS,
+    Segment,
+    Where,
+    detect_format,
+    lookup,
+    renamed_columns,
+    row_to_segments,
+)
 from tests.data.util import byte_tokenizer, encoded_module, labelled_texts, unlabelled_text
 
 EOS = "</s>"

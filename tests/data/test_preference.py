@@ -12,8 +12,16 @@ from lit_align.data import DataError
 from lit_align.data.encode import IGNORE_INDEX as IGN
 from lit_align.data.formats import Segment, Where
 from lit_align.data.preference import collate_pairs, encode_pair, split_common_prefix
-from tests.data.util import (byte_ids, byte_tokenizer, encoded_module, labelled_texts, raises_located, unlabelled_text,
-                             write_jsonl, write_rows)
+from tests.data.util import (
+    byte_ids,
+    byte_tokenizer,
+    encoded_module,
+    labelled_texts,
+    raises_located,
+    unlabelled_text,
+    write_jsonl,
+    write_rows,
+)
 
 EOS = "</s>"
 EOS_ID = 1
@@ -125,7 +133,8 @@ def test_system_prompt_goes_to_conversational_prompts_and_is_an_error_with_plain
     enc = module(tmp_path, [chat], system_prompt="Be nice.").encoded["train"][0]
     assert tok.decode(enc["prompt_ids"]) == "<|system|>\nBe nice.\n" + prompt_of("hi")
     assert labelled_texts(enc["chosen"], tok) == ["yo" + EOS]
-    enc = module(tmp_path, [dict(chat, prompt="hi")], name="str_prompt.jsonl", system_prompt="Be nice.").encoded["train"][0]
+    enc = module(tmp_path, [dict(chat, prompt="hi")], name="str_prompt.jsonl",
+                 system_prompt="Be nice.").encoded["train"][0]
     assert tok.decode(enc["prompt_ids"]) == "<|system|>\nBe nice.\n" + prompt_of("hi")
     # plain strings are used as written: there is no chat template to carry the system turn
     plain = {"prompt": "hi ", "chosen": "yo", "rejected": "no"}
@@ -485,7 +494,8 @@ def test_missing_columns_of_a_carved_validation_split_hide_the_row_number_column
     path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "p", "chosen": "a"}] * 4)
     dm = PreferenceDataModule(data_files=path, val_fraction=0.5)
     dm.tokenizer = byte_tokenizer()
-    message = f"{path} [train]: preference data (explicit prompt) needs columns ['rejected']; found ['prompt', 'chosen']"
+    message = (f"{path} [train]: preference data (explicit prompt) needs columns ['rejected']; "
+               "found ['prompt', 'chosen']")
     with pytest.raises(DataError, match="^" + re.escape(message)):
         dm.setup("fit")
 
@@ -513,7 +523,8 @@ def test_collate_pairs_rejects_margins_on_some_pairs_only(tmp_path):
     dm = module(tmp_path, pairs(3, margin=False))
     rows = dm.encoded["train"]
     rows[1]["margin"] = 1.0
-    with pytest.raises(ValueError, match=re.escape("collate_pairs: 1 of 3 pairs have a margin; give every pair one or none")):
+    with pytest.raises(ValueError,
+                       match=re.escape("collate_pairs: 1 of 3 pairs have a margin; give every pair one or none")):
         collate_pairs(rows, 0)
 
 
@@ -549,7 +560,8 @@ def test_encode_pair_locates_an_unfindable_prompt_boundary():
 
 
 def test_invalid_settings():
-    with pytest.raises(ValueError, match=re.escape("data.format: 'pairs' is not one of ('auto', 'explicit', 'implicit')")):
+    with pytest.raises(ValueError,
+                       match=re.escape("data.format: 'pairs' is not one of ('auto', 'explicit', 'implicit')")):
         PreferenceDataModule(path="x", format="pairs")
     with pytest.raises(ValueError, match=re.escape("data.columns: unknown keys ['completion']")):
         PreferenceDataModule(path="x", columns={"completion": "c"})

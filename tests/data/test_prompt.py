@@ -65,7 +65,8 @@ def test_arith_prompt_rows():
 def test_prompts_of_different_lengths_are_left_padded():
     dm = PromptDataModule(task=ArithTask(), max_length=8)
     dm.tokenizer = byte_tokenizer()
-    rows = [{"prompt_ids": ids(t), "prompt": t, "reference": r, "meta": {"answer": r}, "length": len(t), "num_labels": 1}
+    rows = [{"prompt_ids": ids(t), "prompt": t, "reference": r, "meta": {"answer": r}, "length": len(t),
+             "num_labels": 1}
             for t, r in (("a", "1"), ("abc", "2"), ("ab", "3"))]
     batch = dm.collate([[r] for r in rows])
     assert batch["prompt_ids"].tolist() == [[0, 0, 100], [100, 101, 102], [0, 100, 101]]
@@ -141,7 +142,8 @@ def test_verl_style_rows_with_a_nested_ground_truth(tmp_path):
     dm = module(tmp_path, VERL, answer_key="reward_model.ground_truth")
     enc = dm.encoded["train"][1]
     assert enc["reference"] == "3" and enc["prompt"] == chat(VERL[1]["prompt"])
-    assert enc["meta"] == {"data_source": "arith", "ability": "math", "reward_model": {"style": "rule", "ground_truth": "3"},
+    assert enc["meta"] == {"data_source": "arith", "ability": "math",
+                           "reward_model": {"style": "rule", "ground_truth": "3"},
                            "extra_info": {"split": "train", "index": 1}, "answer": "3"}
     batch = dm.collate([[r] for r in dm.encoded["train"]])
     assert batch["references"] == ["2", "3", "4"]
@@ -250,7 +252,8 @@ def test_wrong_prompt_type(tmp_path):
 @pytest.mark.parametrize("bad,field,problem", [
     ([], "prompt", "expected a non-empty list of turns"),
     ([{"role": "user"}], "prompt[0]", "each turn needs 'role' and 'content'"),
-    ([{"role": "bot", "content": "hi"}], "prompt[0].role", "unknown role 'bot' (allowed: system, user, assistant, tool)"),
+    ([{"role": "bot", "content": "hi"}], "prompt[0].role",
+     "unknown role 'bot' (allowed: system, user, assistant, tool)"),
     ([{"role": "user", "content": 5}], "prompt[0].content", "expected a string, got int"),
     ([{"role": "system", "content": ""}, {"role": "user", "content": " "}], "prompt", "is empty"),
 ])

@@ -139,6 +139,6 @@ def test_cli_overrides_keep_each_recipes_task():
     task = lm.datamodule.task
     assert isinstance(task, ShapesTextTask) and task.rendering == "grid"
     assert task.scenes.val_size == 4 and task.kinds == ("caption",)
-    arith = main(["--config", os.path.join(REPO, "configs", "sft", "arith.yaml"), "--data.init_args.task.val_size", "4"],
-                 run=False)
+    arith = main(["--config", os.path.join(REPO, "configs", "sft", "arith.yaml"),
+                  "--data.init_args.task.val_size", "4"], run=False)
     assert isinstance(arith.datamodule.task, ArithTask) and arith.datamodule.task.val_size == 4

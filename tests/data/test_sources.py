@@ -78,7 +78,8 @@ def test_val_fraction_through_the_module(tmp_path):
 
 
 def test_existing_validation_split_wins_over_val_fraction(tmp_path):
-    files = {"train": write(tmp_path, "jsonl", ROWS[:6], "train"), "validation": write(tmp_path, "jsonl", ROWS[6:8], "val"),
+    files = {"train": write(tmp_path, "jsonl", ROWS[:6], "train"),
+             "validation": write(tmp_path, "jsonl", ROWS[6:8], "val"),
              "test": write(tmp_path, "jsonl", ROWS[8:], "test")}
     splits, sources = load_splits(None, files, None, ALL_SPLITS, val_fraction=0.5, seed=0)
     assert sources == files  # each split names its own file
@@ -102,7 +103,8 @@ def test_a_split_list_of_files_is_named_by_its_own_files(tmp_path):
 @pytest.mark.parametrize("role,name,setting", [("validation", "dev", "val_split"), ("test", "heldout", "test_split")])
 def test_a_named_held_out_split_must_exist_but_the_defaults_are_optional(tmp_path, role, name, setting):
     path = write(tmp_path, "jsonl")
-    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: no split {name!r} (data.{setting}); it has ['train']")):
+    with pytest.raises(ValueError,
+                       match="^" + re.escape(f"{path}: no split {name!r} (data.{setting}); it has ['train']")):
         load_splits(None, path, None, {**ALL_SPLITS, role: name}, 0.0, 0)
     splits, _ = load_splits(None, path, None, ALL_SPLITS, 0.0, 0)  # "validation" and "test" absent: fine
     assert list(splits) == ["train"]
@@ -139,7 +141,8 @@ def test_a_folder_of_split_files(tmp_path):
 
 def test_missing_train_split_and_mixed_extensions(tmp_path):
     path = write(tmp_path, "jsonl")
-    with pytest.raises(ValueError, match="^" + re.escape(f"{path}: no split 'main' (data.train_split); it has ['train']")):
+    with pytest.raises(ValueError,
+                       match="^" + re.escape(f"{path}: no split 'main' (data.train_split); it has ['train']")):
         load_splits(None, path, None, {"train": "main"}, 0.0, 0)
     other = write(tmp_path, "csv")
     with pytest.raises(ValueError, match="use one of"):

@@ -140,13 +140,15 @@ def test_an_empty_conversational_prompt_renders_the_generation_prompt_alone(tmp_
     pairs = PreferenceDataModule(data_files=write_jsonl(tmp_path / "pairs.jsonl", [
         {"prompt": "", "chosen": completion, "rejected": [{"role": "assistant", "content": "no"}]}]), max_length=64)
     (pair,) = setup_module_with(pairs, byte_tokenizer()).encoded["train"]
-    assert pair["prompt_ids"] == byte_ids("<|assistant|>\n") and pair["chosen"]["input_ids"][-3:] == byte_ids("yo") + [1]
+    assert pair["prompt_ids"] == byte_ids("<|assistant|>\n")
+    assert pair["chosen"]["input_ids"][-3:] == byte_ids("yo") + [1]
 
 
 def test_a_template_that_cannot_render_an_empty_conversation_names_the_row(tmp_path):
     tok = build_tokenizer("byte")
     tok.chat_template = ("{% if not messages %}{{ raise_exception('Conversations must start with a user turn') }}"
-                         "{% endif %}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}{% endfor %}"
+                         "{% endif %}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + eos_token }}"
+                         "{% endfor %}"
                          "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
     path = write_jsonl(tmp_path / "rows.jsonl", [{"messages": ONE}, {"messages": GREETING}])
     dm = InstructionDataModule(data_files=path, max_length=256)

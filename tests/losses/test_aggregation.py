@@ -91,7 +91,8 @@ def test_rank_sharded_token_mean_equals_global_token_mean():
     # d(global token mean)/d loss = mask / global token count
     torch.testing.assert_close(leaf.grad, mask.double() / global_tokens)
     # while the mean of the local token means is different
-    local = [aggregate_loss(loss[r * rows:(r + 1) * rows], mask[r * rows:(r + 1) * rows], "token-mean") for r in range(world)]
+    local = [aggregate_loss(loss[r * rows:(r + 1) * rows], mask[r * rows:(r + 1) * rows], "token-mean")
+             for r in range(world)]
     assert (sum(local) / world).item() != pytest.approx(global_mean)
 
 

@@ -5,9 +5,21 @@ import math
 import pytest
 import torch
 
-from lit_align.losses import (ADVANTAGE_ESTIMATORS, AGG_MODES, IS_LEVELS, KL_ESTIMATORS, POLICY_LOSSES,
-                              PREFERENCE_LOSSES, adaptive_kl_coef, aggregate_loss, dpo_loss, kl_penalty, policy_loss,
-                              register_advantage_estimator, register_kl_estimator)
+from lit_align.losses import (
+    ADVANTAGE_ESTIMATORS,
+    AGG_MODES,
+    IS_LEVELS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    PREFERENCE_LOSSES,
+    adaptive_kl_coef,
+    aggregate_loss,
+    dpo_loss,
+    kl_penalty,
+    policy_loss,
+    register_advantage_estimator,
+    register_kl_estimator,
+)
 
 
 def test_every_family_is_a_registry_of_callables():

@@ -6,8 +6,18 @@ import pytest
 import torch
 from PIL import Image
 
-from lit_align.models import (CausalLMSpec, LlavaModel, VisionTower, VisionTowerSpec, add_image_token, build_causal_lm,
-                              build_projector, build_tokenizer, load_llava, save_llava)
+from lit_align.models import (
+    CausalLMSpec,
+    LlavaModel,
+    VisionTower,
+    VisionTowerSpec,
+    add_image_token,
+    build_causal_lm,
+    build_projector,
+    build_tokenizer,
+    load_llava,
+    save_llava,
+)
 from tests.conftest import tiny_config
 
 N = 16  # (32 / 8) ** 2 patches
@@ -107,7 +117,8 @@ def test_select_layer_out_of_range_and_spec_errors():
         VisionTower(VisionTowerSpec(library="timm", name="resnet10t"))
     with pytest.raises(ValueError, match="ModifiedResNet.*only ViT"):
         VisionTower(VisionTowerSpec(name="RN50", kwargs=dict(
-            embed_dim=32, vision_cfg=dict(layers=[1, 1, 1, 1], width=8, image_size=32), text_cfg=OPEN_CLIP_KWARGS["text_cfg"])))
+            embed_dim=32, vision_cfg=dict(layers=[1, 1, 1, 1], width=8, image_size=32),
+            text_cfg=OPEN_CLIP_KWARGS["text_cfg"])))
     with pytest.raises(ValueError, match="neither an existing"):
         VisionTower(tower_spec("timm", pretrained="/no/such/file.pth"))
     with pytest.raises(ValueError, match="neither an existing file nor a pretrained tag"):
@@ -166,7 +177,8 @@ def test_frozen_tower_gets_no_grads_and_stays_in_eval():
     assert model.language_model.training and model.projector.training
     assert not any(m.training for m in model.vision_tower.modules())
     ids, mask = two_row_batch(tok, model.image_token_id)
-    out = model(ids, mask, pixel_values=images(3), image_counts=[2, 1], labels=ids.masked_fill(ids == model.image_token_id, -100))
+    out = model(ids, mask, pixel_values=images(3), image_counts=[2, 1],
+                labels=ids.masked_fill(ids == model.image_token_id, -100))
     out.loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in model.vision_tower.parameters())
     assert all(p.grad is not None for p in model.projector.parameters())
@@ -252,11 +264,13 @@ def test_image_position_mismatches_name_the_row():
 
 def test_text_only_forward_is_the_plain_lm_forward():
     model, tok = build_llava("timm")
-    ids = torch.tensor([row(tok, model.image_token_id, "no image here"), row(tok, model.image_token_id, "nor here!!!!!")])
+    ids = torch.tensor([row(tok, model.image_token_id, "no image here"),
+                        row(tok, model.image_token_id, "nor here!!!!!")])
     mask = torch.ones_like(ids)
     mask[1, -3:] = 0
     with torch.no_grad():
-        torch.testing.assert_close(model(ids, mask).logits, model.language_model(input_ids=ids, attention_mask=mask).logits,
+        torch.testing.assert_close(model(ids, mask).logits,
+                                   model.language_model(input_ids=ids, attention_mask=mask).logits,
                                    rtol=0, atol=0)
 
 
@@ -300,8 +314,10 @@ def test_save_and_load_round_trip_gives_identical_logits(tmp_path, library, proj
     pixels = images(1, seed=9)
     save_llava(model, str(tmp_path), tok, model.vision_tower.spec, projector)
     config = json.loads((tmp_path / "llava_config.json").read_text())
-    assert config["projector"] == projector and config["num_tokens"] == n == N + 1 and config["image_token"] == "<image>"
-    assert {"projector.safetensors", "vision_tower.safetensors", "language_model"} <= {p.name for p in tmp_path.iterdir()}
+    assert config["projector"] == projector and config["num_tokens"] == n == N + 1
+    assert config["image_token"] == "<image>"
+    assert {"projector.safetensors", "vision_tower.safetensors", "language_model"} <= \
+        {p.name for p in tmp_path.iterdir()}
     loaded, loaded_tok = load_llava(str(tmp_path))
     assert loaded.image_token_id == model.image_token_id == add_image_token(loaded_tok)
     assert loaded.vision_tower.spec == model.vision_tower.spec and not loaded.vision_tower.training
@@ -309,4 +325,5 @@ def test_save_and_load_round_trip_gives_identical_logits(tmp_path, library, proj
         torch.testing.assert_close(loaded(ids, pixel_values=pixels).logits, model(ids, pixel_values=pixels).logits,
                                    rtol=0, atol=0)
     with pytest.raises(ValueError, match="projector_kind"):
-        save_llava(model, str(tmp_path / "bad"), tok, model.vision_tower.spec, "linear" if projector != "linear" else "mlp2x_gelu")
+        save_llava(model, str(tmp_path / "bad"), tok, model.vision_tower.spec,
+                   "linear" if projector != "linear" else "mlp2x_gelu")

@@ -50,7 +50,8 @@ def test_whitespace_before_the_turn_end_is_skipped_and_a_later_special_token_is_
     # (220, 'Ġ'), unlike the byte tokenizer, whose special tokens swallow the whitespace next to them.
     tok = load_tokenizer(CausalLMSpec(pretrained=zoo["gpt2"]))
     tok.add_special_tokens({"additional_special_tokens": ["<next>"]})
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}"
+                         "{{ '[INST] ' + m['content'] + ' [/INST]' }}"
                          "{% else %}{{ ' ' + m['content'] + ' ' + eos_token + '<next>' }}{% endif %}{% endfor %}")
     assert tok(" <|endoftext|><next>", add_special_tokens=False).input_ids == [220, 768, 769]
     assert special_ids(tok) == {768, 769}

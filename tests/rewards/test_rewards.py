@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from lit_align.models import CausalLMSpec, build_reward_model, build_tokenizer, sequence_scores
-from lit_align.rewards import REWARDS, RewardError, RewardSpec, Rewards, register_reward
+from lit_align.rewards import REWARDS, RewardError, Rewards, RewardSpec, register_reward
 from tests.conftest import tiny_config
 
 
@@ -246,7 +246,8 @@ def test_wrong_count_and_types():
     with pytest.raises(RewardError, match=r"reward 'brk', row 1 \(completion 'bad'\): returned the non-numeric "
                                           r"value 'high' \(str\)"):
         score(broken("string"), ["ok", "bad"])
-    with pytest.raises(RewardError, match=r"reward 'brk': returned a tensor of shape \[2, 2\]; expected .* shape \[2\]"):
+    with pytest.raises(RewardError,
+                       match=r"reward 'brk': returned a tensor of shape \[2, 2\]; expected .* shape \[2\]"):
         score(broken("matrix"), ["a", "b"])
     with pytest.raises(RewardError, match=r"reward 'brk': returned NoneType"):
         score(broken("none"), ["a", "b"])

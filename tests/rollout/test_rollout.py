@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from lit_align.models import CausalLMSpec, build_causal_lm, build_tokenizer
-from lit_align.rollout import (HFEngine, RolloutBatch, SamplingParams, chunked_logprobs, completion_logprobs,
-                               completion_masks, decode_completions)
+from lit_align.rollout import (
+    HFEngine,
+    RolloutBatch,
+    SamplingParams,
+    chunked_logprobs,
+    completion_logprobs,
+    completion_masks,
+    decode_completions,
+)
 from tests.conftest import tiny_config
 
 TOK = build_tokenizer("byte")
@@ -40,7 +47,8 @@ def prompt_batch(texts: list[str]) -> dict:
     rows = [byte_ids(t) for t in texts]
     width = max(len(r) for r in rows)
     ids = torch.tensor([[PAD] * (width - len(r)) + r for r in rows])
-    return dict(prompt_ids=ids, prompt_mask=(torch.arange(width)[None] >= width - torch.tensor([len(r) for r in rows])[:, None]).long(),
+    return dict(prompt_ids=ids,
+                prompt_mask=(torch.arange(width)[None] >= width - torch.tensor([len(r) for r in rows])[:, None]).long(),
                 prompts=list(texts), meta=[{"idx": i, "text": t} for i, t in enumerate(texts)])
 
 
@@ -131,7 +139,8 @@ def test_generate_without_prompts_and_meta_lists():
 def test_model_that_always_stops_at_once():
     model = make_model(eos_bias=40.0)
     torch.manual_seed(0)
-    rollout = HFEngine(TOK).generate(model, prompt_batch(PROMPTS), SamplingParams(n=3, temperature=1.0, max_new_tokens=5))
+    rollout = HFEngine(TOK).generate(model, prompt_batch(PROMPTS),
+                                     SamplingParams(n=3, temperature=1.0, max_new_tokens=5))
     assert rollout.completion_ids.tolist() == [[EOS]] * 9
     assert rollout.completion_mask.tolist() == [[1]] * 9
     assert rollout.truncated.tolist() == [False] * 9
@@ -143,7 +152,8 @@ def test_model_that_always_stops_at_once():
 def test_model_that_never_stops_is_truncated():
     model = make_model(eos_bias=None)
     torch.manual_seed(0)
-    rollout = HFEngine(TOK).generate(model, prompt_batch(PROMPTS), SamplingParams(n=3, temperature=1.0, max_new_tokens=5))
+    rollout = HFEngine(TOK).generate(model, prompt_batch(PROMPTS),
+                                     SamplingParams(n=3, temperature=1.0, max_new_tokens=5))
     assert rollout.completion_ids.shape == (9, 5)
     assert rollout.truncated.tolist() == [True] * 9
     assert rollout.completion_mask.tolist() == [[1] * 5] * 9
@@ -230,9 +240,11 @@ def test_extra_left_padding_changes_nothing(model_type):
     """Scoring a row with extra left padding changes nothing (absolute positions included)."""
     model = make_model(model_type, eos_bias=4.5, letters_only=False).eval()
     torch.manual_seed(2)
-    rollout = HFEngine(TOK).generate(model, prompt_batch(PROMPTS), SamplingParams(n=1, temperature=1.0, max_new_tokens=4))
+    rollout = HFEngine(TOK).generate(model, prompt_batch(PROMPTS),
+                                     SamplingParams(n=1, temperature=1.0, max_new_tokens=4))
     padded = RolloutBatch.cat([rollout, RolloutBatch(
-        prompt_ids=torch.full((1, rollout.prompt_ids.shape[1] + 7), 5), prompt_mask=torch.ones(1, rollout.prompt_ids.shape[1] + 7, dtype=torch.long),
+        prompt_ids=torch.full((1, rollout.prompt_ids.shape[1] + 7), 5),
+        prompt_mask=torch.ones(1, rollout.prompt_ids.shape[1] + 7, dtype=torch.long),
         completion_ids=torch.full((1, 1), EOS), completion_mask=torch.ones(1, 1, dtype=torch.long),
         logprobs=torch.zeros(1, 1), truncated=torch.tensor([False]), prompts=[""], completions=[""], meta=[{}],
         sampler_logprobs=torch.zeros(1, 1))], PAD)
@@ -296,7 +308,8 @@ def test_chunked_logprobs_equal_training_chunks_exactly():
 def test_entropy_is_masked_and_matches_distribution():
     model = make_model("llama", eos_bias=3.0).eval()
     torch.manual_seed(5)
-    rollout = HFEngine(TOK).generate(model, prompt_batch(PROMPTS), SamplingParams(n=2, temperature=1.0, max_new_tokens=5))
+    rollout = HFEngine(TOK).generate(model, prompt_batch(PROMPTS),
+                                     SamplingParams(n=2, temperature=1.0, max_new_tokens=5))
     logp, entropy = completion_logprobs(model, rollout, 1.0, with_entropy=True)
     assert not entropy.requires_grad
     assert (entropy[rollout.completion_mask == 0] == 0).all()
@@ -380,7 +393,8 @@ def test_top_k_one_or_tiny_top_p_samples_the_greedy_completion(filtering):
     assert (~greedy.truncated).any()  # EOS is among the greedy tokens somewhere
     for seed in (0, 1, 2):
         torch.manual_seed(seed)
-        out = HFEngine(TOK).generate(model, prompts, SamplingParams(n=2, temperature=1.0, max_new_tokens=6, **filtering))
+        out = HFEngine(TOK).generate(model, prompts,
+                                     SamplingParams(n=2, temperature=1.0, max_new_tokens=6, **filtering))
         for name in ("completion_ids", "completion_mask", "truncated"):
             assert torch.equal(getattr(out, name), getattr(greedy, name)), (name, seed)
         assert out.completions == greedy.completions
@@ -433,7 +447,8 @@ def test_generation_is_eval_and_inference_mode_and_outputs_train():
     forwards = []
     model.register_forward_pre_hook(lambda mod, args: forwards.append(mod.training))
     torch.manual_seed(6)
-    rollout = HFEngine(TOK).generate(model, prompt_batch(PROMPTS), SamplingParams(n=2, temperature=1.0, max_new_tokens=5))
+    rollout = HFEngine(TOK).generate(model, prompt_batch(PROMPTS),
+                                     SamplingParams(n=2, temperature=1.0, max_new_tokens=5))
     assert seen == [dict(training=False, any_training=False, inference=True)]
     assert forwards and not any(forwards)  # every forward (sampling and scoring) in eval mode
     assert model.training and all(m.training for m in model.modules())
@@ -489,7 +504,8 @@ def batch_a() -> RolloutBatch:
         prompt_mask=torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1], [0, 0, 0, 1], [0, 0, 1, 1]]),
         completion_ids=torch.tensor([[20, 1, 0, 0, 0], [21, 22, 1, 0, 0], [23, 1, 0, 0, 0], [1, 0, 0, 0, 0]]),
         completion_mask=torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]]),
-        logprobs=torch.tensor([[-1.0, -2.0, 0, 0, 0], [-3.0, -4.0, -5.0, 0, 0], [-6.0, -7.0, 0, 0, 0], [-8.0, 0, 0, 0, 0]]),
+        logprobs=torch.tensor([[-1.0, -2.0, 0, 0, 0], [-3.0, -4.0, -5.0, 0, 0], [-6.0, -7.0, 0, 0, 0],
+                               [-8.0, 0, 0, 0, 0]]),
         truncated=torch.tensor([False, False, False, False]),
         prompts=["p0", "p0", "p1", "p1"], completions=["c0", "c1", "c2", "c3"],
         meta=[{"g": 0}, {"g": 0}, {"g": 1}, {"g": 1}], group_size=2)
@@ -535,7 +551,8 @@ def test_trimmed_drops_all_pad_columns_only():
     assert torch.equal(t.truncated, a.truncated) and t.group_size == 2
     # values unchanged: the unmasked tokens and their positions relative to the boundary
     for i in range(4):
-        assert t.input_ids[i][t.attention_mask[i].bool()].tolist() == a.input_ids[i][a.attention_mask[i].bool()].tolist()
+        assert (t.input_ids[i][t.attention_mask[i].bool()].tolist()
+                == a.input_ids[i][a.attention_mask[i].bool()].tolist())
     # a sub-batch trims further
     s = a.select([2, 3]).trimmed()
     assert s.prompt_ids.tolist() == [[0, 4], [10, 11]] and s.completion_ids.tolist() == [[23, 1], [1, 0]]
@@ -580,7 +597,8 @@ def test_cat_rejects_mixed_group_sizes_and_empty():
 
 
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-0.1), dict(top_p=0.0), dict(top_p=1.01),
-                                 dict(top_k=-1), dict(n=0), dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(top_k=-1), dict(n=0), dict(temperature=float("nan")),
+                                 dict(temperature=float("inf")),
                                  dict(stop_token_ids=[-1]), dict(stop_token_ids=[1.5])])
 def test_sampling_params_reject_invalid(bad):
     with pytest.raises(ValueError):

@@ -160,7 +160,8 @@ def test_generate_before_any_sync_is_refused():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(gpu_memory_utilization=1.5), r"gpu_memory_utilization: need a number in \(0, 1\]"),
     (dict(gpu_memory_utilization=math.nan), "gpu_memory_utilization"),
-    (dict(gpu_memory_utilization=0.5, kv_cache_memory_bytes=1 << 20), "gpu_memory_utilization and kv_cache_memory_bytes: .*give one"),
+    (dict(gpu_memory_utilization=0.5, kv_cache_memory_bytes=1 << 20),
+     "gpu_memory_utilization and kv_cache_memory_bytes: .*give one"),
     (dict(kv_cache_memory_bytes=0), "kv_cache_memory_bytes"),
     (dict(tensor_parallel_size=0), "tensor_parallel_size: need an integer >= 1"),
     (dict(max_model_len=0), "max_model_len"),
@@ -193,7 +194,8 @@ class WithMinP(SamplingParams):
 @pytest.mark.parametrize("config, sampling, match", [
     (dict(model_type="ctrl", n_embd=64, n_layer=2, n_head=2), SamplingParams(temperature=1.0),
      "does not serve CTRLLMHeadModel"),
-    (tiny_config(), SamplingParams(temperature=1.0), r"serves head sizes \[32, .*the model's is 16 \(hidden size 32 / 2 heads\)"),
+    (tiny_config(), SamplingParams(temperature=1.0),
+     r"serves head sizes \[32, .*the model's is 16 \(hidden size 32 / 2 heads\)"),
     (VLLM_CONFIG, WithMinP(temperature=1.0, min_p=0.1), "sampling.min_p: vLLM's sampler has no such setting"),
 ])
 def test_what_vllm_cannot_serve_fails_when_the_module_is_built(config, sampling, match, monkeypatch):

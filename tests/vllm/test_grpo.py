@@ -84,7 +84,8 @@ def test_resumed_run_recreates_the_engine_from_the_checkpoint(tmp_path):
     assert first.model.engine.num_rollouts == 2
     saved = torch.load(tmp_path / "ckpt" / "t" / "last.ckpt", weights_only=False)
     assert saved["global_step"] == 4
-    resumed = run(tmp_path, vllm_engine(), max_steps=8, extra=["--ckpt_path", str(tmp_path / "ckpt" / "t" / "last.ckpt")])
+    resumed = run(tmp_path, vllm_engine(), max_steps=8,
+                  extra=["--ckpt_path", str(tmp_path / "ckpt" / "t" / "last.ckpt")])
     engine, model = resumed.model.engine, resumed.model.model
     assert resumed.trainer.global_step == 8
     assert engine is not first.model.engine and first.model.engine.llm is None  # the old one was shut down
