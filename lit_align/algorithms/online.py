@@ -31,6 +31,9 @@ Stepped = tuple[object, object, float | None, str]
 
 #: Consecutive rollouts whose every completion hits ``max_new_tokens`` before a loud warning.
 TRUNCATION_WARNING_STEPS = 3
+#: Consecutive rollouts that take no optimizer step at all (no token carries loss) before a loud
+#: warning, and before the run stops: nothing would ever end it, since ``max_steps`` counts steps.
+EMPTY_ROLLOUTS_WARNING, EMPTY_ROLLOUTS_LIMIT = 3, 25
 
 
 @dataclass
@@ -124,6 +127,7 @@ class OnlineRLModule(CausalLMModule):
         self.forward_batch_size = forward_batch_size
         self.rollout_correction = rollout_correction
         self._all_truncated = 0
+        self._empty_rollouts = 0
         self.beta, self.kl_estimator = beta, resolved_kl
         self.reference = Reference(reference or model, "adapters" if lora is not None else "copy") if beta > 0 else None
         self.automatic_optimization = False
@@ -265,9 +269,25 @@ class OnlineRLModule(CausalLMModule):
                     metrics.add_step(self.clip_and_measure(optimizer, clip, name))
                     optimizer.step()
                     scheduler.step()
+        self.watch_empty_rollouts(skipped == passes * len(mini_batch_bounds(n, self.mini_batches)))
         out = metrics.result(world)
         out["skipped_steps"] = torch.tensor(float(skipped))
         return out
+
+    def watch_empty_rollouts(self, empty: bool) -> None:
+        """Count rollouts that took no optimizer step (every group filtered out by dynamic
+        sampling or overlong filtering): warn after :data:`EMPTY_ROLLOUTS_WARNING` in a row and
+        stop after :data:`EMPTY_ROLLOUTS_LIMIT` (as verl stops when its generation batches run out)."""
+        self._empty_rollouts = self._empty_rollouts + 1 if empty else 0
+        if self._empty_rollouts not in (EMPTY_ROLLOUTS_WARNING, EMPTY_ROLLOUTS_LIMIT):
+            return
+        why = (f"{type(self).__name__}: the last {self._empty_rollouts} rollouts took no optimizer step: no "
+               "completion carried loss (every group's rewards were equal under dynamic sampling, or every "
+               "completion was truncated under overlong filtering). Raise max_generation_rounds or "
+               "max_new_tokens, or start from a model that sometimes succeeds.")
+        if self._empty_rollouts == EMPTY_ROLLOUTS_LIMIT:
+            raise RuntimeError(f"{why} Stopping at global step {self.global_step}.")
+        rank_zero_warn(why)
 
     # -- logging ----------------------------------------------------------------------
     def rollout_metrics(self, rollout: RolloutBatch, total: torch.Tensor, parts: dict, gen_time: float,

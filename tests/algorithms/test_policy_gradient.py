@@ -653,7 +653,11 @@ def test_kl_goes_into_the_loss_or_into_the_reward(agg):
 # -- recipes ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("algo", ["grpo", "gspo", "dapo"])
 def test_every_rl_recipe_trains_through_the_cli(tmp_path, tiny_export, algo):
-    cli = fit_recipe(f"configs/{algo}/arith.yaml", tmp_path, tiny_export)
+    # the tiny export answers no sum and never stops: DAPO's dynamic sampling and overlong
+    # filtering would leave no row to train on, so it trains on the digit share, untruncated
+    extra = ["--model.init_args.rewards=[{name: tests.algorithms.test_policy_gradient:digit_reward}]",
+             "--model.init_args.overlong_filtering=false"] if algo == "dapo" else []
+    cli = fit_recipe(f"configs/{algo}/arith.yaml", tmp_path, tiny_export, extra=extra)
     assert cli.trainer.global_step == 4
     metrics = cli.trainer.callback_metrics
     for key in ("val/exact_match", "train/reward/mean", "train/accuracy", "train/entropy"):
@@ -707,3 +711,21 @@ def test_every_grpo_ablation_trains_through_the_cli(tmp_path, tiny_export, delta
 
 if __name__ == "__main__":  # the 2-process test launches this file: python -m tests.algorithms.test_policy_gradient
     fit_fixed(sys.argv[1], int(sys.argv[2]), sys.argv[3])
+
+
+def test_rollouts_without_a_step_warn_then_stop():
+    """Rollouts that take no optimizer step (every group filtered out) warn after 3 in a row and
+    stop the run after 25, naming the step; a rollout that steps resets the count."""
+    from lit_align.algorithms.online import EMPTY_ROLLOUTS_LIMIT, EMPTY_ROLLOUTS_WARNING
+
+    m = GRPO(model=CausalLMSpec(config=tiny_config()), rewards=[RewardSpec("arith_match")])
+    for _ in range(EMPTY_ROLLOUTS_WARNING - 1):
+        m.watch_empty_rollouts(True)
+    m.watch_empty_rollouts(False)
+    assert m._empty_rollouts == 0
+    with pytest.warns(UserWarning, match="last 3 rollouts took no optimizer step"):
+        for _ in range(EMPTY_ROLLOUTS_WARNING):
+            m.watch_empty_rollouts(True)
+    with pytest.raises(RuntimeError, match=f"last {EMPTY_ROLLOUTS_LIMIT} rollouts .* Stopping at global step 0"):
+        for _ in range(EMPTY_ROLLOUTS_LIMIT - EMPTY_ROLLOUTS_WARNING):
+            m.watch_empty_rollouts(True)
