@@ -8,8 +8,19 @@ import lightning as L
 import pytest
 import torch
 
-from lit_align import (DPO, PPO, SFT, ArithTask, CausalLMSpec, ImageInstructionDataModule, InstructionDataModule,
-                       OptimSpec, PreferenceDataModule, RewardModel, ShapesTask)
+from lit_align import (
+    DPO,
+    PPO,
+    SFT,
+    ArithTask,
+    CausalLMSpec,
+    ImageInstructionDataModule,
+    InstructionDataModule,
+    OptimSpec,
+    PreferenceDataModule,
+    RewardModel,
+    ShapesTask,
+)
 from lit_align.algorithms import base, dpo, policy_gradient, ppo, reward_model, sft
 from lit_align.algorithms.llava import LLaVA, LLaVADPO
 from lit_align.algorithms.policy_gradient import PolicyGradient
@@ -92,7 +103,7 @@ def _get(module, path):
 def test_every_module_fits_in_bf16_with_float32_math(case, precision, tmp_path, monkeypatch):
     make_module, make_data, frozen, computed = CASES[case]
     records = []
-    wrap = _spy(monkeypatch, records)
+    _spy(monkeypatch, records)
     module = make_module()
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_steps=2, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
