@@ -12,8 +12,8 @@ import torch
 #: Strategies Lightning runs on CUDA devices only (FSDP1's FSDPStrategy, DeepSpeed), by the
 #: registered names and the class names a config may give.
 GPU_STRATEGIES = {"fsdp": "FSDPStrategy", "deepspeed": "DeepSpeedStrategy"}
-#: Precisions refused on CPU (float16 autocast and its gradient scaler are CUDA features).
-GPU_PRECISIONS = ("16-mixed", "16", 16, "16-true")
+#: Precisions refused on CPU (float16 autocast with its gradient scaler: Lightning refuses it there).
+GPU_PRECISIONS = ("16-mixed", "16", 16)
 
 
 def _strategy_name(strategy: Any) -> str | None:
@@ -40,7 +40,7 @@ def _strategy_name(strategy: Any) -> str | None:
 def check_trainer(trainer: Any, source: str = "trainer") -> None:
     """Raise ``ValueError`` when the ``trainer`` settings (a mapping: ``strategy``, ``accelerator``,
     ``precision``) need what this machine lacks: DeepSpeed not installed, or FSDP1, DeepSpeed or
-    float16 mixed precision without CUDA."""
+    float16 mixed precision without CUDA. ``source`` names the settings in the message."""
     get = trainer.get if hasattr(trainer, "get") else lambda k, d=None: getattr(trainer, k, d)
     accelerator = str(get("accelerator", "auto") or "auto").lower()
     cuda = torch.cuda.is_available() and accelerator not in ("cpu", "mps", "tpu")

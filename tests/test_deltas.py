@@ -115,3 +115,25 @@ def test_deepspeed_on_cpu_is_refused_by_name_once_installed(monkeypatch):
     with pytest.raises(ValueError, match=r"DeepSpeedStrategy \(deepspeed\) runs on CUDA GPUs only.*fsdp2\.yaml"):
         main(["--config", RECIPE, "--config", _delta("strategy", "deepspeed_zero3"), "--trainer.accelerator", "cpu"],
              run=False)
+
+
+@pytest.mark.parametrize("trainer, refused", [
+    ({"strategy": "fsdp", "accelerator": "cpu"}, "FSDPStrategy"),
+    ({"strategy": "fsdp_cpu_offload", "accelerator": "auto"}, "FSDPStrategy"),
+    ({"strategy": {"class_path": "lightning.pytorch.strategies.FSDPStrategy"}, "accelerator": "cpu"}, "FSDPStrategy"),
+    ({"strategy": "deepspeed_stage_3_offload"}, "DeepSpeedStrategy"),
+    ({"precision": 16, "accelerator": "cpu"}, "precision: 16"),
+    ({"strategy": "ddp", "accelerator": "cpu", "precision": "bf16-true"}, None),
+    ({"strategy": {"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"}, "accelerator": "cpu"}, None),
+    ({"strategy": "ddp_spawn", "precision": "16-true", "accelerator": "cpu"}, None),
+])
+def test_check_trainer_names_what_this_machine_cannot_run(trainer, refused):
+    from lit_align.hardware import check_trainer
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    if refused is None:
+        check_trainer(trainer)
+    else:
+        with pytest.raises(ValueError, match=refused):
+            check_trainer(trainer)

@@ -142,7 +142,13 @@ def two_nodes(tmp_path_factory):
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
          str(k), "--master_addr", "127.0.0.1", "--master_port", port, "-m", "tests.algorithms.test_strategies",
          str(root)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for k in (0, 1)]
-    outputs = [p.communicate(timeout=600) for p in launchers]
+    try:
+        outputs = [p.communicate(timeout=600) for p in launchers]
+    finally:
+        for p in launchers:  # a launcher left waiting for its peer
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     for p, (_, err) in zip(launchers, outputs):
         assert p.returncode == 0, err[-6000:]
     return root
