@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lit_align.callbacks import HFExport
+from lit_align.hardware import check_trainer
 
 
 def nested_nulls(args: list[str]) -> list[str]:
@@ -58,6 +59,11 @@ class AlignCLI(LightningCLI):
         if args is None or isinstance(args, list):
             args = nested_nulls(sys.argv[1:] if args is None else list(args))
         super().parse_arguments(parser, args)
+
+    def before_instantiate_classes(self) -> None:
+        # refused before the model and data are built (some load weights at construction)
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        check_trainer(cfg.get("trainer") or {})
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=str | None, default=None,

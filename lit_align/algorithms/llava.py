@@ -76,7 +76,11 @@ class LlavaMixin:
 
         tower = self._tower
         lm = build_causal_lm(self.spec, self.tokenizer).train()
-        projector = build_projector(self.projector_kind, tower.hidden_size, lm.config.hidden_size)
+        # seeded like the tower and the LM: every rank (and every run) starts from the same
+        # projector, which FSDP2 and DDP take as each rank's copy of the one model
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.tower_spec.seed)
+            projector = build_projector(self.projector_kind, tower.hidden_size, lm.config.hidden_size)
         if self.init_from is not None:
             tower.load_state_dict(load_file(os.path.join(self.init_from, VISION_FILE)), strict=True)
             projector.load_state_dict(load_file(os.path.join(self.init_from, PROJECTOR_FILE)), strict=True)
@@ -85,17 +89,30 @@ class LlavaMixin:
         return LlavaModel(tower, projector, lm, self.image_token_id)
 
     def configure_model(self) -> None:
-        if getattr(self, "device_mesh", None) is not None:
-            # image features are spliced in before the LM's forward (embed, generate): outside the
-            # root forward that would gather FSDP2's sharded embedding, tower and projector
-            raise ValueError(f"{type(self).__name__}: FSDP2 (ModelParallelStrategy) is not supported for LLaVA "
-                             "models; use strategy ddp or a single device")
         if self.model is None:
             self.model = self._build_llava()
-        super().configure_model()
+            super().configure_model()  # the DPO variant builds its reference from the unsharded model here
+            self.model = self.shard(self.model)
+            reference = getattr(getattr(self, "reference", None), "model", None)
+            if reference is not None:
+                self.reference.model = self.shard(reference)
+
+    def shard(self, model: torch.nn.Module) -> torch.nn.Module:
+        """FSDP2 under ``ModelParallelStrategy``: each decoder layer, the vision tower and the
+        projector are units of their own, the root :class:`LlavaModel` keeps the LM's embeddings,
+        final norm and head, so the image splice (in the root's forward) sees them gathered."""
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None or not isinstance(model, LlavaModel):
+            return model
+        from torch.distributed.fsdp import fully_shard
+
+        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+        fully_shard(model.vision_tower, mesh=dp_mesh)
+        fully_shard(model.projector, mesh=dp_mesh)
+        return super().shard(model)
 
     def build_frozen(self, spec) -> torch.nn.Module:
-        """The reference: a frozen copy of the initial multimodal model."""
+        """The reference: a frozen copy of the initial multimodal model (sharded by configure_model)."""
         return copy.deepcopy(self.model).eval().requires_grad_(False)
 
     def lm_forward(self, batch: dict, model: torch.nn.Module | None = None) -> torch.Tensor:
@@ -112,9 +129,11 @@ class LlavaMixin:
 
     def export_hf(self, directory: str) -> None:
         """``language_model/`` (HF format, with the tokenizer), ``projector.safetensors``,
-        ``vision_tower.safetensors`` and ``llava_config.json`` (see :func:`~lit_align.models.llava.save_llava`)."""
+        ``vision_tower.safetensors`` and ``llava_config.json`` (see :func:`~lit_align.models.llava.save_llava`);
+        full weights gathered from the shards under FSDP2 (collective), written by rank 0."""
+        state = self.gathered_state_dict()  # collective under FSDP2: every rank calls it
         if self.global_rank == 0:
-            save_llava(self.model, directory, self.tokenizer, self.tower_spec, self.projector_kind)
+            save_llava(self.model, directory, self.tokenizer, self.tower_spec, self.projector_kind, state_dict=state)
 
 
 class LLaVA(LlavaMixin, SFT):

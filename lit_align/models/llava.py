@@ -159,9 +159,19 @@ class LlavaModel(nn.Module):
         the same way when ``return_dict_in_generate=True``. Both ``input_ids`` and the spliced
         ``inputs_embeds`` go to HF ``generate`` (the embeddings drive the first forward, the ids
         are the prefix logits processors see), so the output starts with the prompt, cut here."""
-        inputs_embeds = self.embed(input_ids, pixel_values, image_counts)
-        out = self.language_model.generate(input_ids=input_ids, inputs_embeds=inputs_embeds,
-                                           attention_mask=attention_mask, **gen_kwargs)
+        # Under FSDP2 the root unit (this model: embeddings, final norm, head) gathers its
+        # parameters only in its own forward; generation runs the LM's forward directly, so they
+        # are gathered for its whole length (the tower, projector and layers gather themselves).
+        sharded = hasattr(self, "unshard") and hasattr(self, "reshard")
+        if sharded:
+            self.unshard()
+        try:
+            inputs_embeds = self.embed(input_ids, pixel_values, image_counts)
+            out = self.language_model.generate(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                                               attention_mask=attention_mask, **gen_kwargs)
+        finally:
+            if sharded:
+                self.reshard()
         sequences = out if torch.is_tensor(out) else out.sequences
         prompt_len = input_ids.shape[1]
         if sequences.shape[1] < prompt_len or not torch.equal(
@@ -184,13 +194,17 @@ def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_llava(model: LlavaModel, directory: str, tokenizer: PreTrainedTokenizerBase, spec: VisionTowerSpec,
-               projector_kind: str) -> str:
+               projector_kind: str, state_dict: dict[str, torch.Tensor] | None = None) -> str:
     """Export a full (unsharded) :class:`LlavaModel` to ``directory``:
 
     - ``language_model/``: the LM (LoRA merged) and the tokenizer, ``save_pretrained`` format;
     - ``projector.safetensors`` and ``vision_tower.safetensors``: state dicts (the tower is
       always saved, so random-init, fine-tuned and pruned towers all reload exactly);
     - ``llava_config.json``: tower spec, projector kind, image token and id, dimensions.
+
+    ``state_dict``: the model's full state dict when its own parameters are shards (FSDP2,
+    gathered by the caller); its ``language_model.``, ``projector.`` and ``vision_tower.`` parts
+    are written instead of the module's tensors.
 
     Returns ``directory``. Load with :func:`load_llava`.
     """
@@ -206,10 +220,16 @@ def save_llava(model: LlavaModel, directory: str, tokenizer: PreTrainedTokenizer
     os.makedirs(directory, exist_ok=True)
     lm_dir = os.path.join(directory, LM_DIR)
     language_model = merged_copy(model.language_model) if is_peft(model.language_model) else model.language_model
-    language_model.save_pretrained(lm_dir)
+    def part(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
+        if state_dict is None:
+            return _tensors(module)
+        return {k[len(prefix):]: v.detach().cpu().contiguous() for k, v in state_dict.items() if k.startswith(prefix)}
+
+    lm_state = None if state_dict is None else part("language_model.", language_model)
+    language_model.save_pretrained(lm_dir, state_dict=lm_state)
     tokenizer.save_pretrained(lm_dir)
-    save_file(_tensors(model.projector), os.path.join(directory, PROJECTOR_FILE))
-    save_file(_tensors(tower), os.path.join(directory, VISION_FILE))
+    save_file(part("projector.", model.projector), os.path.join(directory, PROJECTOR_FILE))
+    save_file(part("vision_tower.", tower), os.path.join(directory, VISION_FILE))
     config = dict(vision_tower=dataclasses.asdict(spec), projector=projector_kind, image_token=IMAGE_TOKEN,
                   image_token_id=model.image_token_id, vision_hidden_size=tower.hidden_size, text_hidden_size=text_dim,
                   num_tokens=tower.num_tokens, image_size=list(tower.image_size))

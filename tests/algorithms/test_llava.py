@@ -110,11 +110,16 @@ def test_a_language_model_besides_init_from_is_refused(tmp_path):
     assert m.spec.attn_implementation == "eager"
 
 
-def test_fsdp2_is_refused_with_a_clear_message():
-    m = LLaVA(model=CausalLMSpec(config=tiny_config()), vision_tower=TOWER)
-    m._device_mesh = object()  # what ModelParallelStrategy sets before configure_model
-    with pytest.raises(ValueError, match="FSDP2 .* not supported for LLaVA"):
-        m.configure_model()
+def test_every_rank_builds_the_same_projector():
+    """The projector's random init is seeded (as the tower's and the LM's): processes whose global
+    RNG differs still start from one model, which DDP and FSDP2 take for granted."""
+    states = []
+    for draws in (0, 5):
+        torch.rand(draws)
+        m = _module()
+        states.append(m.model.projector.state_dict())
+    for k, v in states[0].items():
+        assert torch.equal(states[1][k], v), k
 
 
 TINY = ["--model.init_args.vision_tower.kwargs",
