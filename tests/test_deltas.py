@@ -43,8 +43,8 @@ def test_cpu_precision_deltas_build_their_plugin(name, plugin, dtype):
 
 
 def test_strategy_and_precision_deltas_compose():
-    cli = main(["--config", RECIPE, "--config", _delta("strategy", "fsdp2"), "--config", _delta("precision", "bf16-true"),
-                "--trainer.accelerator", "cpu"], run=False)
+    cli = main(["--config", RECIPE, "--config", _delta("strategy", "fsdp2"),
+                "--config", _delta("precision", "bf16-true"), "--trainer.accelerator", "cpu"], run=False)
     assert isinstance(cli.trainer.strategy, ModelParallelStrategy) and cli.trainer.num_devices == 2
     assert cli.trainer.precision == "bf16-true"
 
@@ -111,7 +111,8 @@ def test_deepspeed_on_cpu_is_refused_by_name_once_installed(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "deepspeed" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "deepspeed" else real(name, *a))
     with pytest.raises(ValueError, match=r"DeepSpeedStrategy \(deepspeed\) runs on CUDA GPUs only.*fsdp2\.yaml"):
         main(["--config", RECIPE, "--config", _delta("strategy", "deepspeed_zero3"), "--trainer.accelerator", "cpu"],
              run=False)
