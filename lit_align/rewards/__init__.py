@@ -11,7 +11,7 @@ Example::
 """
 
 from lit_align.rewards.base import REWARDS, RewardError, RewardSpec, Rewards, register_reward
-from lit_align.rewards import builtin as _builtin  # noqa: F401  (registers arith_match, format, overlong)
+from lit_align.rewards import builtin as _builtin  # noqa: F401  (registers task_check, arith_match, format, overlong)
 from lit_align.rewards.reward_model import RewardModelReward
 
 __all__ = ["REWARDS", "RewardError", "RewardSpec", "Rewards", "register_reward", "RewardModelReward"]
