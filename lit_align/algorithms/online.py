@@ -124,6 +124,7 @@ class OnlineRLModule(CausalLMModule):
         self.forward_batch_size = forward_batch_size
         self.rollout_correction = rollout_correction
         self._all_truncated = 0
+        self._all_skipped = 0
         self.beta, self.kl_estimator = beta, resolved_kl
         self.reference = Reference(reference or model, "adapters" if lora is not None else "copy") if beta > 0 else None
         self.automatic_optimization = False
@@ -279,7 +280,19 @@ class OnlineRLModule(CausalLMModule):
                     scheduler.step()
         out = metrics.result(world)
         out["skipped_steps"] = torch.tensor(float(skipped))
+        self.watch_skipped(skipped, passes * len(mini_batch_bounds(n, self.mini_batches)))
         return out
+
+    def watch_skipped(self, skipped: int, planned: int) -> None:
+        """Warn when no optimizer step was taken for several rollouts in a row: ``trainer.max_steps``
+        counts steps taken, so such a run samples on without ever finishing."""
+        self._all_skipped = self._all_skipped + 1 if planned and skipped == planned else 0
+        if self._all_skipped == TRUNCATION_WARNING_STEPS:
+            rank_zero_warn(f"{type(self).__name__}: the last {TRUNCATION_WARNING_STEPS} rollouts took no optimizer "
+                           "step (no row carried a loss token: every group filtered out by dynamic sampling, or "
+                           "every completion truncated under overlong filtering); trainer.max_steps counts steps "
+                           "taken, so the run does not advance. Check the rewards (train/reward/*), the stop ids "
+                           "and max_new_tokens.")
 
     # -- logging ----------------------------------------------------------------------
     def rollout_metrics(self, rollout: RolloutBatch, total: torch.Tensor, parts: dict, gen_time: float,

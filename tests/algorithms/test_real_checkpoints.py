@@ -328,3 +328,16 @@ def test_policy_gradient_keeps_every_setting_as_an_attribute():
     assert m.hparams.kl_estimator is None  # hparams records what was given; the attribute is resolved
     no_kl = PolicyGradient(model=CausalLMSpec(config=tiny_config()), rewards=REWARDS)
     assert no_kl.kl_estimator is None and no_kl.reference is None
+
+
+def test_rollouts_that_never_step_warn_after_three_in_a_row():
+    m = GRPO(model=CausalLMSpec(config=tiny_config()), rewards=REWARDS, num_generations=2, beta=0.0,
+             eval_max_new_tokens=0)
+    m.watch_skipped(2, 2)
+    m.watch_skipped(1, 2)  # a step was taken: the count starts again
+    m.watch_skipped(2, 2)
+    m.watch_skipped(2, 2)
+    with pytest.warns(UserWarning, match=r"GRPO: the last 3 rollouts took no optimizer step .* trainer.max_steps "
+                                         r"counts steps taken"):
+        m.watch_skipped(2, 2)
+    assert m._all_skipped == 3
