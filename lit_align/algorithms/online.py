@@ -155,6 +155,12 @@ class OnlineRLModule(CausalLMModule):
         self.rewards.setup(self.device)
         # fail before the first rollout when the data module says how many prompts a step takes
         dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and self.data_checker() is None:
+            for i, spec in enumerate(self.rewards.specs):
+                if spec.name == "task_check":
+                    raise ValueError(f"{type(self).__name__}.rewards[{i}] 'task_check': the data module "
+                                     f"{type(dm).__name__} has no checker (only built-in tasks have one); "
+                                     "use arith_match or your own reward")
         prompts = getattr(getattr(dm, "hparams", None), "micro_batch_size", None)
         if isinstance(prompts, int):
             self.check_mini_batches(prompts * self.num_generations, prompts)
@@ -206,8 +212,14 @@ class OnlineRLModule(CausalLMModule):
         total, parts = self.rewards(rollout.prompts, rollout.completions, rollout.meta,
                                     completion_lengths=lengths.tolist(), truncated=rollout.truncated.tolist(),
                                     max_new_tokens=self.sampling.max_new_tokens,
-                                    completion_ids=rollout.completion_ids.tolist())
+                                    completion_ids=rollout.completion_ids.tolist(), checker=self.data_checker())
         return total.to(self.device), {k: v.to(self.device) for k, v in parts.items()}
+
+    def data_checker(self) -> Callable[[str, dict, str], bool] | None:
+        """The attached data module's ``checker(completion, meta, reference)`` (``None``: no
+        trainer, no data module, or data without a checkable answer)."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        return getattr(dm, "checker", None)
 
     def sample(self, prompts: dict) -> tuple[RolloutBatch, torch.Tensor, dict]:
         """``num_generations`` scored completions per prompt: ``(rollout, total [N], each reward)``."""

@@ -9,8 +9,9 @@ returning one value per completion. ``meta[i]`` is the row's metadata (``{"answe
 or verl-style ``{"reward_model": {"ground_truth": "..."}}``). ``context`` always holds
 ``completion_lengths`` (``list[int]``, tokens per completion, EOS excluded), ``truncated``
 (``list[bool]``, no EOS within the generation limit) and ``max_new_tokens`` (``int``), and may
-hold ``completion_ids`` (``list[list[int]]``); rewards take ``**context`` so that new keys
-never break them.
+hold ``completion_ids`` (``list[list[int]]``) and ``checker`` (the data module's
+``checker(completion, meta, reference)``, or ``None`` when its data has none); rewards take
+``**context`` so that new keys never break them.
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ class RewardSpec:
     """One reward term of the total reward.
 
     Args:
-        name: a built-in name (a key of :data:`REWARDS`: ``arith_match``, ``format``,
-            ``overlong``, ``reward_model``) or an import path ``"package.module:function"``
+        name: a built-in name (a key of :data:`REWARDS`: ``task_check``, ``arith_match``,
+            ``format``, ``overlong``, ``reward_model``) or an import path ``"package.module:function"``
             (a function, a callable class, or a callable object).
         weight: the term's weight in ``total = sum_i weight_i * r_i``; 0 computes and logs the
             reward without training on it.

@@ -1,4 +1,4 @@
-"""Rule-based built-in rewards: ``arith_match``, ``format`` and ``overlong``.
+"""Rule-based built-in rewards: ``task_check``, ``arith_match``, ``format`` and ``overlong``.
 
 Each is registered as a factory: it takes the spec's ``args`` as keyword arguments, checks
 them, and returns ``fn(prompts, completions, meta, **context) -> list[float]``.
@@ -16,6 +16,33 @@ from lit_align.losses import overlong_penalty
 from lit_align.rewards.base import RewardError, register_reward
 
 _MISSING = object()
+
+
+@register_reward("task_check")
+def task_check():
+    """1.0 when the data module's own checker accepts the completion, else 0.0.
+
+    The checker is the one held-out exact match and ``train/accuracy`` use
+    (:attr:`lit_align.data.base.TextDataModule.checker`, ``checker(completion, meta, reference)``;
+    for ``arith`` :meth:`~lit_align.data.tasks.ArithTask.check` with the task's own
+    ``reverse_answer``), so a recipe states its task once, in the data module, and the reward
+    cannot disagree with the metric. The online RL modules pass it as ``context["checker"]``;
+    a module whose data has no checker (not a built-in task) refuses ``task_check`` when fitting
+    starts.
+
+    Raises (at call time):
+        RewardError: the context holds no checker.
+    """
+
+    def task_check_reward(prompts: list[str], completions: list[str], meta: list[dict], *, checker=None,
+                          **context) -> list[float]:
+        if checker is None:
+            raise RewardError("task_check: no checker in the context; it scores with the data module's checker, "
+                              "which only built-in tasks have (use arith_match or your own reward for other data)")
+        return [1.0 if checker(c, m, str(m.get("answer", "")) if isinstance(m, dict) else "") else 0.0
+                for c, m in zip(completions, meta)]
+
+    return task_check_reward
 
 
 @register_reward("arith_match")

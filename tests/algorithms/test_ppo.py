@@ -572,3 +572,41 @@ def test_score_rises(tmp_path):
     assert len(scores) == 50
     start, end = sum(scores[:5]) / 5, sum(scores[-5:]) / 5
     assert start < 0.2 and end >= 0.8, (start, end, scores)
+
+
+@pytest.mark.slow
+def test_missing_eos_penalty_applies_to_truncated_completions_scored_by_the_reward_model(tmp_path,
+                                                                                        tiny_reward_export):
+    """The RM scores a truncated completion as it is (no EOS appended); PPO then subtracts
+    missing_eos_penalty from exactly those rows' scores: score = RM(x, y) - 0.7 * truncated."""
+    from lit_align.rewards.reward_model import RewardModelReward
+
+    rm = RewardSpec("reward_model", args={"path": tiny_reward_export, "tokenizer": "byte"})
+    m, calls = _module(rewards=[rm], missing_eos_penalty=0.7, ppo_epochs=1, mini_batches=1), {}
+    sample, targets = m.sample, m.targets
+
+    def rec_sample(batch):
+        out = sample(batch)
+        calls["sample"] = out
+        return out
+
+    def rec_targets(rollout, scores, ref_logp, values):
+        calls["scores"] = scores.clone()
+        return targets(rollout, scores, ref_logp, values)
+
+    m.sample, m.targets = rec_sample, rec_targets
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(m, datamodule=_data())
+    assert trainer.global_step == 2
+    rollout, _, parts = calls["sample"]
+    truncated = rollout.truncated
+    assert truncated.any()  # 4 new tokens from a random policy: most never reach EOS
+    reward = RewardModelReward(tiny_reward_export, tokenizer="byte")
+    args = (rollout.prompts, rollout.completions, rollout.meta)
+    as_is = reward(*args, truncated=truncated.tolist())
+    with_eos = reward(*args, truncated=[False] * len(rollout))
+    torch.testing.assert_close(parts["reward_model"].cpu(), as_is)
+    assert (as_is[truncated] != with_eos[truncated]).all()  # no EOS was appended to a truncated row
+    torch.testing.assert_close(calls["scores"].cpu(), as_is - 0.7 * truncated.float())
+    assert float(trainer.callback_metrics["train/score"]) == pytest.approx(float((as_is - 0.7 * truncated).mean()),
+                                                                             abs=1e-5)

@@ -344,3 +344,47 @@ def test_reward_model_bad_args(tmp_path):
     fn = REWARDS["reward_model"](path=str(tmp_path))
     with pytest.raises(ValueError, match="without config.json"):
         fn.setup("cpu")
+
+
+# -- task_check: the data module's own checker ------------------------------------------------
+@pytest.mark.parametrize("reverse, verdicts", [(True, [1.0, 0.0, 1.0, 0.0, 0.0]), (False, [0.0, 1.0, 0.0, 1.0, 0.0])])
+def test_task_check_returns_the_data_modules_checker_verdicts(reverse, verdicts):
+    """37+58 = 95 and 9+8 = 17: with reversed answers "59" and "71" are right, else "95" and "17";
+    the reward is the checker's verdict row by row, whatever the task's digit order."""
+    from lit_align import ArithTask, PromptDataModule
+
+    dm = PromptDataModule(task=ArithTask(digits=2, reverse_answer=reverse, train_size=8, val_size=4))
+    completions = ["59", "95", "71 then more", "17", "no answer"]
+    meta = [{"answer": "95"}, {"answer": "95"}, {"answer": "17"}, {"answer": "17"}, {"answer": "17"}]
+    prompts = ["37+58=", "37+58=", "9+8=", "9+8=", "9+8="]
+    assert [float(dm.checker(c, m, "")) for c, m in zip(completions, meta)] == verdicts
+    total, raw = Rewards([RewardSpec("task_check")])(prompts, completions, meta, completion_lengths=[2] * 5,
+                                                     truncated=[False] * 5, max_new_tokens=6, checker=dm.checker)
+    assert raw["task_check"].tolist() == verdicts and total.tolist() == verdicts
+
+
+def test_task_check_without_a_checker_names_the_reward():
+    with pytest.raises(RewardError, match=r"reward 'task_check': task_check: no checker in the context"):
+        Rewards([RewardSpec("task_check")])(["1+1="], ["2"], [{"answer": "2"}], completion_lengths=[1],
+                                            truncated=[False], max_new_tokens=4, checker=None)
+
+
+def test_task_check_on_data_without_a_checker_fails_when_fitting_starts(tmp_path):
+    """Data from files has no checker: fit refuses task_check before the first rollout."""
+    import json
+
+    import lightning as L
+
+    from lit_align import GRPO, PromptDataModule
+    from lit_align.rollout import SamplingParams
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"{i}+1=", "answer": str(i + 1)}) + "\n" for i in range(4)))
+    dm = PromptDataModule(path=str(data), micro_batch_size=2, max_length=16)
+    m = GRPO(model=CausalLMSpec(config=tiny_config()), rewards=[RewardSpec("task_check")], num_generations=2,
+             sampling=SamplingParams(max_new_tokens=2, temperature=1.0), eval_max_new_tokens=0)
+    trainer = L.Trainer(accelerator="cpu", max_steps=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(ValueError, match=r"GRPO\.rewards\[0\] 'task_check': the data module PromptDataModule has no "
+                                         r"checker"):
+        trainer.fit(m, datamodule=dm)
