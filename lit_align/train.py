@@ -59,6 +59,11 @@ class AlignCLI(LightningCLI):
             args = nested_nulls(sys.argv[1:] if args is None else list(args))
         super().parse_arguments(parser, args)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would merge the checkpoint's settings over the given ones; they stand, and
+        # the module compares them with the checkpoint's when it loads (algorithms/resume.py)
+        pass
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=str | None, default=None,
                             help="run name: logs/<name>/version_N and checkpoints/<name>/ (default: the model class)")
