@@ -45,7 +45,7 @@ METHODS = {
     "rm": ("configs/rm/arith.yaml", 1, []),
     "dpo": ("configs/dpo/arith.yaml", 1, []),
     "grpo": ("configs/grpo/arith.yaml", 1, [
-        "--model.init_args.num_generations", "4", "--model.init_args.mini_batches", "1",
+        "--model.init_args.num_generations", "2", "--model.init_args.mini_batches", "1",
         "--model.init_args.sampling.max_new_tokens", "4", "--model.init_args.forward_batch_size", "4", *PARITY]),
     "dapo": ("configs/dapo/arith.yaml", 1, [
         "--model.init_args.num_generations", "2", "--model.init_args.mini_batches", "1",
