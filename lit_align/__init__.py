@@ -28,3 +28,22 @@ __all__ = ["DAPO", "DPO", "GRPO", "GSPO", "PPO", "LLaVA", "LLaVADPO", "ImageInst
            "ShapesTextTask", "PolicyGradient", "SFT", "RewardModel", "OptimSpec", "ArithTask", "InstructionDataModule",
            "PreferenceDataModule", "PromptDataModule",
            "CausalLMSpec", "LoraSpec"]
+
+
+def _allow_settings_in_checkpoints() -> None:
+    # A module's settings (these dataclasses) are saved in its checkpoints' hyper_parameters;
+    # allow-listed, a checkpoint loads with torch.load(weights_only=True), Lightning's default
+    import torch
+
+    from lit_align.algorithms.online import RolloutCorrectionSpec
+    from lit_align.algorithms.ppo import AdaptiveKL
+    from lit_align.models.vision import VisionTowerSpec
+    from lit_align.rewards import RewardSpec
+    from lit_align.rollout import EngineSpec, SamplingParams
+
+    torch.serialization.add_safe_globals([CausalLMSpec, LoraSpec, OptimSpec, SamplingParams, EngineSpec, RewardSpec,
+                                          VisionTowerSpec, AdaptiveKL, RolloutCorrectionSpec, ArithTask, ShapesTask,
+                                          ShapesTextTask])
+
+
+_allow_settings_in_checkpoints()

@@ -65,6 +65,11 @@ class AlignCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         check_trainer(cfg.get("trainer") or {})
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI would merge the checkpoint's settings over the given ones; they stand, and
+        # the module compares them with the checkpoint's when it loads (algorithms/resume.py)
+        pass
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--name", type=str | None, default=None,
                             help="run name: logs/<name>/version_N and checkpoints/<name>/ (default: the model class)")

@@ -16,7 +16,10 @@ from transformers import GenerationConfig
 
 from lit_align.algorithms.optim import OptimSpec, build_optimizer
 from lit_align.algorithms.reference import PREFIX as REFERENCE_PREFIX
+from lit_align.algorithms.resume import check_fingerprints as check_frozen_fingerprints
+from lit_align.algorithms.resume import check_settings, fingerprint, optimizer_settings, reapply_optimizer_settings
 from lit_align.algorithms.steps import clip_grad_norm, step_scale
+from lit_align.callbacks.resume import ResumeState
 from lit_align.data.encode import IGNORE_INDEX
 from lit_align.distributed import is_sharded
 from lit_align.evaluation import ExactMatch, GroupedExactMatch
@@ -94,8 +97,9 @@ class CausalLMModule(L.LightningModule):
         return share * step_scale(self._trainer, self.automatic_optimization)
 
     def build_frozen(self, spec: CausalLMSpec) -> torch.nn.Module:
-        """A frozen copy (eval mode, no grad) of the model ``spec`` describes: a reference policy."""
-        frozen = build_causal_lm(spec, self.tokenizer).to(self.device)
+        """A frozen copy (eval mode, no grad) of the model ``spec`` describes: a reference policy.
+        Loaded strictly: a weight the directory lacks would stay at its random init forever."""
+        frozen = build_causal_lm(spec, self.tokenizer, strict=True).to(self.device)
         return self.shard(frozen.eval().requires_grad_(False))
 
     @contextmanager
@@ -126,12 +130,21 @@ class CausalLMModule(L.LightningModule):
         return token_logprobs(logits, labels.clamp(min=0)), labels != IGNORE_INDEX
 
     def on_fit_start(self) -> None:
+        self._frozen = {label: {"path": path, "sha256": fingerprint(path)}
+                        for label, path in self.frozen_sources().items()}
+        self._check_frozen()
+        # the optimizers as this run's settings build them, before a checkpoint's states replace them
+        self._configured_optimizers = optimizer_settings(self.trainer)
         clip = self.trainer.gradient_clip_val
         if self.automatic_optimization and clip is not None and clip != self.optim.grad_clip:
             raise ValueError(f"gradient clipping set twice: trainer.gradient_clip_val={clip} and "
                              f"optim.grad_clip={self.optim.grad_clip}; set optim.grad_clip (null: no clipping)")
 
     def on_train_start(self) -> None:
+        configured = getattr(self, "_configured_optimizers", None)
+        if self.trainer.ckpt_path and configured:
+            # the restored optimizer states carry the checkpoint's lr, betas and weight decay
+            reapply_optimizer_settings(self.trainer, configured, type(self).__name__)
         # the data module's row counts (kept, dropped and truncated per split and reason): in the
         # logs beside the run, not only in the console
         stats = getattr(getattr(self.trainer, "datamodule", None), "stats", None)
@@ -276,11 +289,48 @@ class CausalLMModule(L.LightningModule):
         self._log_grouped("test")
 
     # -- checkpoints ------------------------------------------------------------------
+    def configure_callbacks(self):
+        # the random generators (and a rollout engine's own sampler) go into every checkpoint,
+        # so that a resumed run takes the steps the uninterrupted one would have
+        return [ResumeState()]
+
     #: State-dict prefixes of frozen models rebuilt from their specs at every start (the reference
     #: policy): never written to checkpoints, expected missing when one is loaded.
     rebuilt_prefixes: tuple[str, ...] = (REFERENCE_PREFIX,)
+    #: Settings the checkpoint's weights depend on: loading a checkpoint trained with other
+    #: values is refused (:func:`~lit_align.algorithms.resume.check_settings`).
+    resume_invariants: tuple[str, ...] = ("model", "lora", "reference")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_settings(self, checkpoint, self.resume_invariants)
+        self._saved_frozen = checkpoint.get("frozen_models", {})
+        self._check_frozen()
+
+    def frozen_sources(self) -> dict[str, str]:
+        """``{label: local path}`` of the frozen models built from files at every start and never
+        saved in checkpoints (the reference copy, reward models); a fingerprint of each goes
+        into every checkpoint and a resume whose files changed is refused."""
+        out = {}
+        ref = getattr(self, "reference", None)
+        if ref is not None and ref.source in ("copy", "precomputed"):
+            source = getattr(self, "init_from", None) or (ref.spec.pretrained if ref.spec is not None else None)
+            if source:
+                out["reference"] = source
+        rewards = getattr(self, "rewards", None)
+        for label, spec in zip(getattr(rewards, "names", []), getattr(rewards, "specs", [])):
+            if spec.name == "reward_model" and spec.args.get("path"):
+                out[f"reward {label}"] = str(spec.args["path"])
+        return out
+
+    def _check_frozen(self) -> None:
+        # whichever of checkpoint loading and fit start comes second compares (strategies differ)
+        saved, current = getattr(self, "_saved_frozen", None), getattr(self, "_frozen", None)
+        if saved and current is not None:
+            check_frozen_fingerprints(type(self).__name__, saved, current)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if getattr(self, "_frozen", None):
+            checkpoint["frozen_models"] = self._frozen
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                     if not k.startswith(self.rebuilt_prefixes)}
 

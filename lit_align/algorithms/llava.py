@@ -57,6 +57,9 @@ class LlavaMixin:
     The tower is built at construction: its image transform and token count are what the
     data module needs at setup, before ``configure_model`` builds the language model."""
 
+    resume_invariants = ("model", "lora", "reference", "vision_tower", "projector", "init_from", "freeze_projector",
+                         "freeze_language_model")
+
     def _init_llava(self, vision_tower: VisionTowerSpec, projector: str, init_from: str | None,
                     freeze_projector: bool, freeze_language_model: bool) -> None:
         build_projector(projector, 1, 1)  # validates the kind now

@@ -156,6 +156,14 @@ class PPO(OnlineRLModule):
         # the current KL coefficient: adapted during training, saved and restored with checkpoints
         self.register_buffer("kl_coef", torch.tensor(float(beta), dtype=torch.float64))
 
+    resume_invariants = ("model", "lora", "reference", "value_model")
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.adaptive_kl is None and "kl_coef" in checkpoint.get("state_dict", {}):
+            # a fixed coefficient is the configured beta; only the adaptive controller's is state
+            checkpoint["state_dict"]["kl_coef"] = self.kl_coef.detach().clone().cpu()
+
     def _apply(self, fn, *args, **kwargs):
         # moves follow the module, but the coefficient stays float64 when precision plugins cast
         # the weights (bf16 would round away the adaptive controller's small updates)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 from lit_align.algorithms.base import CausalLMModule
+from lit_align.algorithms.optim import OptimSpec
 from lit_align.losses import aggregate_loss
+from lit_align.models import CausalLMSpec, LoraSpec
 
 
 class SFT(CausalLMModule):
@@ -20,6 +22,12 @@ class SFT(CausalLMModule):
 
     Args: see :class:`~lit_align.algorithms.base.CausalLMModule`.
     """
+
+    def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, eval_max_new_tokens: int = 32,
+                 num_logged_samples: int = 4, lora: LoraSpec | None = None):
+        super().__init__(model=model, optim=optim, eval_max_new_tokens=eval_max_new_tokens,
+                         num_logged_samples=num_logged_samples, lora=lora)
+        self.save_hyperparameters()  # the record a resumed run's settings are checked against
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         logp, mask = self.shifted(batch)

@@ -77,7 +77,7 @@ def build_hf_config(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase):
 
 
 def build_hf_model(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase, auto_class=AutoModelForCausalLM,
-                   **config_overrides: Any) -> PreTrainedModel:
+                   strict: bool = False, **config_overrides: Any) -> PreTrainedModel:
     """Instantiate ``spec`` through an HF auto class (weights loaded or freshly initialised).
 
     Args:
@@ -85,6 +85,8 @@ def build_hf_model(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase, auto_
             ``AutoModelForSequenceClassification`` for reward models.
         config_overrides: config attributes set on top of the loaded or inline config
             (e.g. ``num_labels=1``).
+        strict: a pretrained model must have a weight for every parameter and no other (a frozen
+            model never trains a freshly initialised weight); else ``ValueError`` naming the keys.
     """
     dtype = _DTYPES[spec.dtype]
     common = dict(attn_implementation=spec.attn_implementation, trust_remote_code=spec.trust_remote_code)
@@ -93,7 +95,13 @@ def build_hf_model(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase, auto_
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         if spec.pretrained is not None:
-            model = auto_class.from_pretrained(spec.pretrained, dtype=dtype, **common, **config_overrides, **spec.extra)
+            model, info = auto_class.from_pretrained(spec.pretrained, dtype=dtype, output_loading_info=True, **common,
+                                                     **config_overrides, **spec.extra)
+            problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+            if strict and any(problems.values()):
+                found = ", ".join(f"{k.replace('_', ' ')} {v[:8]}" for k, v in problems.items() if v)
+                raise ValueError(f"{spec.pretrained}: the weights do not match the {type(model).__name__} they load "
+                                 f"into, {found}")
         else:
             config = build_hf_config(spec, tokenizer)
             for key, value in config_overrides.items():
@@ -107,9 +115,10 @@ def build_hf_model(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase, auto_
     return model
 
 
-def build_causal_lm(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """Instantiate the causal LM described by ``spec`` (weights loaded or freshly initialised)."""
-    return build_hf_model(spec, tokenizer, AutoModelForCausalLM)
+def build_causal_lm(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase, strict: bool = False) -> PreTrainedModel:
+    """Instantiate the causal LM described by ``spec`` (weights loaded or freshly initialised;
+    ``strict``: see :func:`build_hf_model`)."""
+    return build_hf_model(spec, tokenizer, AutoModelForCausalLM, strict=strict)
 
 
 def load_tokenizer(spec: CausalLMSpec, padding_side: str = "right") -> PreTrainedTokenizerBase:

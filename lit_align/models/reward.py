@@ -119,7 +119,11 @@ def load_reward_model(path: str, dtype: str | None = None, padding_side: str = "
             raise ValueError(f"load_reward_model: {path} holds {archs or 'an unnamed architecture'} with "
                              f"num_labels={config.num_labels}, not a reward model (a *ForSequenceClassification "
                              "with one label); to start a reward model from a causal LM, train RewardModel on it")
-        model = AutoModelForSequenceClassification.from_pretrained(path)
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, output_loading_info=True)
+        problems = {k: sorted(info.get(k) or []) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if any(problems.values()):  # a missing score head would score with its random init
+            raise ValueError(f"load_reward_model: {path}: the weights do not match {type(model).__name__}, "
+                             + ", ".join(f"{k.replace('_', ' ')} {v[:8]}" for k, v in problems.items() if v))
         tokenizer = build_tokenizer(tokenizer or path, padding_side=padding_side)
     elif os.path.isfile(path):
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)

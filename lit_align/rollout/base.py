@@ -122,6 +122,19 @@ class RolloutEngine(abc.ABC):
         HF config (a ``transformers.PretrainedConfig``) and their sampling settings. Engines
         that serve every model and setting (HF ``generate``) keep this default, which accepts all."""
 
+    def state_dict(self) -> dict:
+        """What a rollout depends on besides the weights and the global random generators (an
+        engine's own sampling generator), saved in checkpoints so that a resumed run samples
+        what the uninterrupted one would have; ``{}`` for an engine that samples from torch's
+        global generator (HF ``generate``)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved."""
+        if state:
+            raise ValueError(f"{type(self).__name__}: a checkpoint holds engine state {sorted(state)} this engine "
+                             "does not have (it was saved by another engine)")
+
     @abc.abstractmethod
     def update_weights(self, model: torch.nn.Module) -> None:
         """Make the next :meth:`generate` sample from ``model``'s current weights.

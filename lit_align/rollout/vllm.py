@@ -235,7 +235,7 @@ class VLLMEngine(RolloutEngine):
         finally:
             torch.set_num_threads = set_num_threads
         _LIVE = weakref.ref(self)
-        if self.seed is not None:
+        if self.seed is not None and self._generator is None:
             self._generator = torch.Generator().manual_seed(self.seed + 7919 * rank)
 
     def close(self) -> None:
@@ -286,6 +286,24 @@ class VLLMEngine(RolloutEngine):
             self.asleep = False
         # cached prompt KV was computed with the old weights
         self.llm.reset_prefix_cache()
+
+    def state_dict(self) -> dict:
+        """The seeded sampling generator's state (``{}`` without ``seed``: rollouts then draw from
+        torch's global generator, which checkpoints keep)."""
+        if self.seed is None:
+            return {}
+        if self._generator is None:  # not built yet: the state it will start from
+            self._generator = torch.Generator().manual_seed(self.seed + 7919 * _world()[1])
+        return {"generator": self._generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if self.seed is None:
+            raise ValueError("engine vllm: the checkpoint holds a seeded sampling generator but seed is unset; "
+                             "set engine.args.seed as in the checkpointed run")
+        self._generator = torch.Generator()
+        self._generator.set_state(state["generator"])
 
     def _base_seed(self) -> int:
         return int(torch.randint(0, 2**40, (1,), generator=self._generator))
