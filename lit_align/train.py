@@ -36,8 +36,10 @@ log = logging.getLogger(__name__)
 # Warnings every run shows that say nothing about the run: frozen reference / reward models are
 # in eval mode on purpose, and the prompt streams know their length on purpose.
 HARMLESS_WARNINGS = (
-    r".*modules? in eval mode.*",
+    r"Found \d+ module\(s\) in eval mode",
     r".*IterableDataset.*has `__len__` defined.*",
+    # main() hands LightningCLI the command line itself (rewritten), which it takes for a mix-up
+    r"LightningCLI's args parameter is intended to run from within Python",
 )
 
 
@@ -48,7 +50,7 @@ def filter_harmless_warnings() -> None:
 
 # a float written with an exponent, or a non-finite one, after a minus sign: argparse takes
 # "-1e-3" for an option (its negative-number pattern is only -1 and -1.5)
-_NEGATIVE = re.compile(r"^-(\d+\.?\d*|\.\d+)[eE][-+]?\d+$|^-(inf|nan|infinity)$", re.IGNORECASE)
+_NEGATIVE = re.compile(r"^-(\d+\.?\d*|\.\d+)[eE][-+]?\d+$|^-\.?(inf|nan|infinity)$", re.IGNORECASE)
 
 
 def negative_values(args: list[str]) -> list[str]:
