@@ -29,13 +29,14 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
-def check_json_file(path: str) -> None:
+def check_json_file(path: str, split: str | None = None) -> None:
     """Refuse, naming the file, row and field, a JSON/JSONL file that ``datasets`` would misread:
     empty or blank, not valid JSON (truncated), or with a column holding strings in some rows and
     numbers (``29``, ``NaN``) in others, which ``datasets`` would coerce column-wide and blame on
     row 0. Rows are counted as ``datasets`` does: non-blank lines of a JSONL file, items of a JSON array."""
     from lit_align.data.formats import DataError
 
+    at = f"{path} [{split}]" if split else path
     with open(path, encoding="utf-8") as f:
         text = f.read()
     if not text.strip():
@@ -48,7 +49,7 @@ def check_json_file(path: str) -> None:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise DataError(f"{path} row {row} (line {line_no}): invalid JSON ({e.msg}, column {e.colno})"
+                raise DataError(f"{at} row {row} (line {line_no}): invalid JSON ({e.msg}, column {e.colno})"
                                 + ("; the file looks truncated" if line_no == len(text.splitlines()) else "")) from None
             row += 1
     else:
@@ -65,13 +66,13 @@ def check_json_file(path: str) -> None:
             strings.update(k for k, v in row.items() if isinstance(v, str))
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
-            raise DataError(f"{path} row {i}: expected a JSON object, got {_type_name(row)}")
+            raise DataError(f"{at} row {i}: expected a JSON object, got {_type_name(row)}")
         for key in strings:
             value = row.get(key)
             if isinstance(value, (int, float)) and not isinstance(value, bool) or isinstance(value, bool):
                 shown = _type_name(value) if isinstance(value, float) and not math.isfinite(value) \
                     else f"{_type_name(value)} {value!r}"
-                raise DataError(f"{path} row {i}, field {key!r}: expected a string (as in other rows), got {shown}; "
+                raise DataError(f"{at} row {i}, field {key!r}: expected a string (as in other rows), got {shown}; "
                                 "quote it in the file")
 
 
@@ -139,11 +140,11 @@ def load_splits(path: str | None, data_files: str | list[str] | dict[str, Any] |
         source = ", ".join(files)
         split_sources = {split: ", ".join(v) for split, v in by_split.items()}
         builder = _builder_for(files)
-        for f in files:
+        for split, f in ((split, f) for split, v in by_split.items() for f in v):
             if "*" in f or not os.path.isfile(f):
                 continue
             if builder == "json" and os.path.getsize(f) <= CHECK_JSON_BYTES:
-                check_json_file(f)
+                check_json_file(f, split)
             elif os.path.getsize(f) == 0:
                 from lit_align.data.formats import DataError
 

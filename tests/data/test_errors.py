@@ -1,6 +1,7 @@
 """Bad rows raise DataError naming the file, the split, the row and the field."""
 
 import re
+import warnings
 
 import pytest
 
@@ -210,7 +211,7 @@ def test_a_number_in_a_string_column_is_located(tmp_path, value, shown):
     # datasets would read the column as numbers (turning "2" into 2) and blame row 0
     path = tmp_path / "rows.jsonl"
     path.write_text("\n".join(__import__("json").dumps(r) for r in [PC, PC, {"prompt": "1+2=", "completion": value}]))
-    message = (f"{path} row 2, field 'completion': expected a string (as in other rows), got {shown}; "
+    message = (f"{path} [train] row 2, field 'completion': expected a string (as in other rows), got {shown}; "
                "quote it in the file")
     with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
         _setup(path)
@@ -234,7 +235,7 @@ def test_an_empty_csv_is_named(tmp_path):
 def test_truncated_json_names_file_row_and_line(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text('{"prompt": "1+1=", "completion": "2"}\n\n{"prompt": "1+1=", "completion": "2"}\n{"prompt": "x", "com')
-    with pytest.raises(DataError, match="^" + re.escape(f"{path} row 2 (line 4): invalid JSON (Unterminated string")
+    with pytest.raises(DataError, match="^" + re.escape(f"{path} [train] row 2 (line 4): invalid JSON (Unterminated string")
                        + r".*the file looks truncated$"):
         _setup(path)
     array = tmp_path / "rows.json"
@@ -250,3 +251,32 @@ def test_a_null_rejected_is_reported_against_rejected(tmp_path):
     with raises_located(tmp_path / "rows.jsonl", 2, "rejected", "expected a string or a list of turns, got NoneType"):
         encoded_module(tmp_path, [good, good, {"chosen": "Q: 1+1= A: 2", "rejected": None}], name="rows.jsonl",
                        cls=PreferenceDataModule)
+
+
+# -- prompts longer than max_length -----------------------------------------------------------
+
+def _prompt_module(tmp_path, prompts, max_length):
+    from lit_align import PromptDataModule
+
+    rows = [{"prompt": p, "answer": "1"} for p in prompts]
+    return encoded_module(tmp_path, rows, name="rows.jsonl", cls=PromptDataModule, max_length=max_length)
+
+
+def test_many_truncated_prompts_warn_with_counts(tmp_path):
+    from lit_align.data.prompt import TRUNCATED_SHARE
+
+    assert TRUNCATED_SHARE == 0.1
+    path = tmp_path / "rows.jsonl"
+    with pytest.warns(UserWarning, match=re.escape(f"{path} [train]: 2 of 10 prompts (20%, more than 10%) are longer"
+                                                   " than data.max_length=8 and lose their start")):
+        _prompt_module(tmp_path, ["a" * 20] * 2 + ["b"] * 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 1 of 10 is within the share: no warning
+        _prompt_module(tmp_path, ["a" * 20] + ["b"] * 9, 8)
+
+
+def test_every_prompt_truncated_is_refused(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    with pytest.raises(DataError, match="^" + re.escape(f"{path} [train]: every prompt (8 of 8) is longer than "
+                                                        "data.max_length=4 and would lose its start")):
+        _prompt_module(tmp_path, ["a long question?"] * 8, 4)
