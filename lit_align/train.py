@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import itertools
 import logging
 import math
 import os
@@ -23,13 +24,22 @@ import warnings
 
 import lightning as L
 import yaml
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+)
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_align.callbacks import HFExport, LastCheckpoint, NonFiniteGuard
-from lit_align.callbacks.last_checkpoint import SIGNAL_EXIT, checkpoint_problem, default_every_n_steps, interruption
+from lit_align.callbacks.last_checkpoint import (
+    SIGNAL_EXIT,
+    checkpoint_problem,
+    default_every_n_steps,
+    interruption,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +66,7 @@ _NEGATIVE = re.compile(r"^-(\d+\.?\d*|\.\d+)[eE][-+]?\d+$|^-\.?(inf|nan|infinity
 def negative_values(args: list[str]) -> list[str]:
     """``--x -1e-3`` pairs on the command line, as a message saying to write ``--x=-1e-3``."""
     return [f"{a} {b}: a negative number after a space is read as an option; write {a}={b}"
-            for a, b in zip(args, args[1:]) if a.startswith("--") and "=" not in a and _NEGATIVE.match(b)]
+            for a, b in itertools.pairwise(args) if a.startswith("--") and "=" not in a and _NEGATIVE.match(b)]
 
 
 def _list_item_types() -> dict[str, type]:
@@ -215,7 +225,9 @@ class AlignCLI(LightningCLI):
             extra.append(LearningRateMonitor(logging_interval="step"))
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar)
                                                                            for c in given + extra):
-            from lightning.pytorch.callbacks.progress.rich_progress import _RICH_AVAILABLE
+            from lightning.pytorch.callbacks.progress.rich_progress import (
+                _RICH_AVAILABLE,
+            )
 
             if _RICH_AVAILABLE:
                 from lit_align.callbacks.progress import StepProgressBar

@@ -8,6 +8,7 @@ same family, ``my_rewards:math_match`` by a module of that name, a LLaVA stage-1
 one. Data paths are left as written: a data module reads its files in ``setup``, not when built.
 Sweep commands are parsed by the sweep runner's parser and, in the flag form, turned into a sweep."""
 
+import itertools
 import os
 import re
 import shlex
@@ -22,9 +23,10 @@ HUB_MODELS = {"Qwen/Qwen2.5-0.5B-Instruct": "qwen2_instruct"}
 def readme_commands() -> list[str]:
     """The ``python -m lit_align...`` commands of README.md's fenced code blocks, continuations joined,
     trailing comments dropped."""
-    text = open(os.path.join(REPO, "README.md")).read()
+    with open(os.path.join(REPO, "README.md")) as f:
+        text = f.read()
     commands = []
-    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.S | re.M):
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE):
         for line in block.replace("\\\n", " ").splitlines():
             start = line.find("python -m lit_align")
             if start >= 0:
@@ -76,7 +78,7 @@ def test_a_readme_training_command_builds(command, tmp_path, zoo, monkeypatch):
     last = max(i for i, a in enumerate(rest) if a == "--config") + 2
     cli = main([*rest[:last], *stand_in_exports(configs[0], tmp_path), *rest[last:]], run=False)
     assert cli.model is not None and cli.datamodule is not None and cli.trainer is not None
-    given = dict(zip(rest, rest[1:]))
+    given = dict(itertools.pairwise(rest))
     if "--model.init_args.model.pretrained" in given:
         assert cli.model.spec.pretrained == given["--model.init_args.model.pretrained"]
     if "--model.init_args.rewards" in given:  # the command line's list, whole

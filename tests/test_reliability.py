@@ -3,8 +3,8 @@ signals; resuming from `last` (corrupt, absent); non-finite settings, losses and
 the HF export replaced atomically and never by a new run unasked; command-line lists replace."""
 
 import glob
-import re
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -91,6 +91,7 @@ def test_non_finite_settings_in_yaml_are_refused(tmp_path):
         main(["--config", QUICKSTART, "--config", str(delta)], run=False)
 
 
+@pytest.mark.slow
 def test_a_non_finite_gradient_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
     last = tmp_path / "ckpt" / "t" / "last.ckpt"
     with pytest.raises(NonFiniteError, match=r"non-finite gradient norm at global step 3 \(set --skip_nonfinite_steps"
@@ -99,6 +100,7 @@ def test_a_non_finite_gradient_stops_with_the_step_and_the_last_good_checkpoint(
     assert torch.load(last, weights_only=False)["global_step"] == 2  # not overwritten at the error
 
 
+@pytest.mark.slow
 def test_skipped_non_finite_steps_are_counted_and_leave_the_weights(tmp_path):
     cli = _run(tmp_path, "--skip_nonfinite_steps", "1", "--export_hf", "false", steps=4, callback="PoisonGrad", step=2)
     poison = _callback(cli, "PoisonGrad")
@@ -108,6 +110,7 @@ def test_skipped_non_finite_steps_are_counted_and_leave_the_weights(tmp_path):
     assert all(torch.isfinite(p).all() for p in cli.model.parameters())
 
 
+@pytest.mark.slow
 def test_a_non_finite_export_is_refused_and_the_previous_export_kept(tmp_path):
     hf = tmp_path / "ckpt" / "t" / "hf"
     hf.mkdir(parents=True)
@@ -127,6 +130,7 @@ def test_default_periodic_interval():
     assert [default_every_n_steps(s) for s in (-1, 5, 200, 1500, 10 ** 6)] == [1000, 1, 10, 75, 1000]
 
 
+@pytest.mark.slow
 def test_one_last_ckpt_written_periodically_without_validation(tmp_path):
     # no validation at all: a crash at step 5 keeps the periodic checkpoint of step 4
     with pytest.raises(RuntimeError, match="crash"):
@@ -155,6 +159,7 @@ def test_ckpt_path_last_skips_a_corrupt_newest_and_refuses_none(tmp_path, caplog
         AlignCLI.resolve_last(run)
 
 
+@pytest.mark.slow
 def test_fit_with_ckpt_path_last_and_no_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint in"):
         main(["fit", "--config", QUICKSTART, *TINY, "--trainer.max_steps", "1", *_dirs(tmp_path), "--ckpt_path",

@@ -9,9 +9,23 @@ import torch
 
 from lit_align.data.base import TextDataModule
 from lit_align.data.batching import pad
-from lit_align.data.encode import IGNORE_INDEX, Dropped, leading_bos, reference_text, tokenize_segments
-from lit_align.data.formats import (SHAREGPT_ROLES, DataError, Segment, Where, _with_system, normalize_messages,
-                                    render_messages, renamed_columns)
+from lit_align.data.encode import (
+    IGNORE_INDEX,
+    Dropped,
+    leading_bos,
+    reference_text,
+    tokenize_segments,
+)
+from lit_align.data.formats import (
+    SHAREGPT_ROLES,
+    DataError,
+    Segment,
+    Where,
+    _with_system,
+    normalize_messages,
+    renamed_columns,
+    render_messages,
+)
 from lit_align.data.tasks import ArithTask
 
 PREFERENCE_COLUMNS = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "margin": "margin"}

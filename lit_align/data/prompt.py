@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import random
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import datasets
-from lightning.pytorch.utilities import rank_zero_only
 from jinja2.exceptions import TemplateError
+from lightning.pytorch.utilities import rank_zero_only
 
 from lit_align.data.base import SCALARS, TextDataModule
 from lit_align.data.batching import collate_generation
 from lit_align.data.encode import Dropped, leading_bos, tokenize_segments
-from lit_align.data.formats import DataError, Segment, Where, _with_system, lookup, normalize_messages, renamed_columns
+from lit_align.data.formats import (
+    DataError,
+    Segment,
+    Where,
+    _with_system,
+    lookup,
+    normalize_messages,
+    renamed_columns,
+)
 from lit_align.data.sources import ROW_COLUMN
 from lit_align.data.tasks import ArithTask
 

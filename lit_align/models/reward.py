@@ -12,9 +12,14 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
-from lit_align.models.causal_lm import CausalLMSpec, _DTYPES, build_hf_model
+from lit_align.models.causal_lm import _DTYPES, CausalLMSpec, build_hf_model
 from lit_align.models.tokenizer import build_tokenizer
 
 
