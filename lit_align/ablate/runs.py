@@ -109,7 +109,9 @@ def plan(ablation: Ablation, logs_dir: str = "logs", checkpoints_dir: str = "che
                     *option_args(ablation.steps), *option_args(variant.overrides), *seed_args(files, seed)]
             # what the run computes, not where it writes: a moved logs folder still resumes
             fingerprint = hashlib.sha256(json.dumps({"args": args, "files": digests}).encode()).hexdigest()[:16]
-            args += ["--name", name, "--logs_dir", logs_dir, "--checkpoints_dir", checkpoints_dir]
+            # a run the sweep starts again (failed, or its settings changed) replaces its own export
+            args += ["--name", name, "--logs_dir", logs_dir, "--checkpoints_dir", checkpoints_dir,
+                     "--overwrite", "true"]
             runs.append(Run(variant.name, seed, args, os.path.join(logs_dir, name), fingerprint))
     return runs
 

@@ -44,6 +44,13 @@ class OptimSpec:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule: {self.schedule!r} is not one of {SCHEDULES}")
+        numbers = {"lr": self.lr, "weight_decay": self.weight_decay, "eps": self.eps, "warmup_ratio": self.warmup_ratio,
+                   "min_lr_ratio": self.min_lr_ratio, "grad_clip": self.grad_clip, "betas": list(self.betas)}
+        # NaN passes every comparison below and inf most of them: refuse both by name first
+        bad = [f"{k}={v} must be a finite number" for k, v in numbers.items()
+               if v is not None and not all(math.isfinite(x) for x in (v if isinstance(v, list) else [v]))]
+        if bad:
+            raise ValueError("optim: " + "; ".join(bad))
         problems = [f"lr={self.lr} must be > 0"] if self.lr <= 0 else []
         if self.warmup_steps is not None and self.warmup_steps < 0:
             problems.append(f"warmup_steps={self.warmup_steps} must be >= 0")

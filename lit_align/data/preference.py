@@ -193,6 +193,9 @@ class PairRows:
         prefix (of text, moved back to a word start, or of turns)."""
         c_name, r_name = self.columns["chosen"], self.columns["rejected"]
         chosen, rejected = row.get(c_name), row.get(r_name)
+        for value, name in ((chosen, c_name), (rejected, r_name)):  # blame the field that is missing
+            if not isinstance(value, (str, list)):
+                raise where(name, f"expected a string or a list of turns, got {type(value).__name__}")
         if isinstance(chosen, str) and isinstance(rejected, str):
             if chosen == rejected:
                 raise Dropped("identical responses")

@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import random
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import datasets
 from jinja2.exceptions import TemplateError
+from lightning.pytorch.utilities import rank_zero_only
 
 from lit_align.data.base import SCALARS, TextDataModule
 from lit_align.data.batching import collate_generation
 from lit_align.data.encode import Dropped, leading_bos, tokenize_segments
-from lit_align.data.formats import DataError, Segment, Where, _with_system, lookup, normalize_messages, renamed_columns
+from lit_align.data.formats import (
+    DataError,
+    Segment,
+    Where,
+    _with_system,
+    lookup,
+    normalize_messages,
+    renamed_columns,
+)
 from lit_align.data.sources import ROW_COLUMN
 from lit_align.data.tasks import ArithTask
 
 PROMPT_COLUMNS = {"prompt": "prompt"}
 PROMPT_FORMATS = ("auto", "string", "messages")
 _JSON = getattr(datasets, "Json", None)  # the feature of dict columns whose rows differ in keys
+
+
+# the share of a split's prompts that may be truncated to max_length before a warning
+TRUNCATED_SHARE = 0.1
+# a split of at least this many rows whose every prompt is cut from the left is refused (fewer: a warning)
+REFUSE_ALL_CUT_ROWS = 8
 
 
 def json_like(value: Any) -> bool:
@@ -104,6 +120,7 @@ class PromptDataModule(TextDataModule):
         self.columns = renamed_columns(columns, PROMPT_COLUMNS)
         self.save_hyperparameters(ignore=["task"])
         self._split_format: str | None = None
+        self._cut_starts = 0  # prompts of the split being encoded cut from the left
 
     # -- splits ---------------------------------------------------------------
     def _check_answer_column(self, features: Mapping[str, Any], source: str, split: str) -> None:
@@ -137,10 +154,27 @@ class PromptDataModule(TextDataModule):
     def encode_split(self, dataset, split: str, source: str) -> list[dict]:
         self._check_answer_column(dataset.features, source, split)
         self._split_format = self._detect_format(dataset, source, split)
+        self._cut_starts = 0
         rows = super().encode_split(dataset, split, source)
         for enc in rows:  # nested (JSON-like) columns and the answer join the base's scalar meta
             enc["meta"] = {**enc["meta"], **enc.pop("_meta")}
+        self._check_truncation(rows, split, source)
         return rows
+
+    def _check_truncation(self, rows: list[dict], split: str, source: str) -> None:
+        """The truncation check: more than :data:`TRUNCATED_SHARE` of a
+        split's prompts cut to ``max_length`` warns with the counts; every prompt of a split of at
+        least :data:`REFUSE_ALL_CUT_ROWS` rows cut from the left (each losing its start) is refused."""
+        cut = self.stats.get(f"data/{split}_truncated_prompt", 0)
+        # _cut_starts counts prompts cut from the left (dropping whole leading turns keeps the question)
+        if self._cut_starts and self._cut_starts == len(rows) >= REFUSE_ALL_CUT_ROWS:
+            raise DataError(f"{source} [{split}]: every prompt ({cut} of {cut}) is longer than data.max_length="
+                            f"{self.hparams.max_length} and would lose its start; raise data.max_length "
+                            "(and the sampling max_new_tokens for the answers) to fit your data")
+        if cut > TRUNCATED_SHARE * len(rows) and rank_zero_only.rank == 0:
+            warnings.warn(f"{source} [{split}]: {cut} of {len(rows)} prompts ({cut / len(rows):.0%}, more than "
+                           f"{TRUNCATED_SHARE:.0%}) are longer than data.max_length={self.hparams.max_length} and "
+                           "lose their start; raise data.max_length to fit your data", stacklevel=2)
 
     def row_format(self, columns: list[str]) -> str | None:
         return self._split_format
@@ -210,6 +244,7 @@ class PromptDataModule(TextDataModule):
             # the text keeps the BOS when it wrote one (a chat template's), not when the tokenizer added it
             written = bos and text.startswith(self.tokenizer.bos_token)
             text, truncated = self.tokenizer.decode(ids if written else ids[bos:]), True
+            self._cut_starts += 1  # tokens cut from the left: the prompt lost its first words
         extra = {k: v for k, v in row.items() if k not in self.used_columns() and isinstance(v, (dict, list))
                  and json_like(v)}
         reference = ""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
+import math
 import os
 from typing import Any
 
@@ -14,6 +16,64 @@ import datasets
 ROW_COLUMN = "__row__"
 
 _BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+
+
+# JSON files up to this size are read once in Python before `datasets` loads them, so that a
+# malformed one is reported by file, row and field (the builders' errors name neither)
+CHECK_JSON_BYTES = 1 << 30
+
+
+def _type_name(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"float {value}"
+    return type(value).__name__
+
+
+def check_json_file(path: str, split: str | None = None) -> None:
+    """Refuse, naming the file, row and field, a JSON/JSONL file that ``datasets`` would misread:
+    empty or blank, not valid JSON (truncated), or with a column holding strings in some rows and
+    numbers (``29``, ``NaN``) in others, which ``datasets`` would coerce column-wide and blame on
+    row 0. Rows are counted as ``datasets`` does: non-blank lines of a JSONL file, items of a JSON array."""
+    from lit_align.data.formats import DataError
+
+    at = f"{path} [{split}]" if split else path
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise DataError(f"{path}: the file is empty" if not text else f"{path}: the file holds only blank lines")
+    if path.endswith(".jsonl") or not text.lstrip().startswith("["):
+        rows, row = [], 0
+        for line_no, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{at} row {row} (line {line_no}): invalid JSON ({e.msg}, column {e.colno})"
+                                + ("; the file looks truncated" if line_no == len(text.splitlines()) else "")) from None
+            row += 1
+    else:
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path} (line {e.lineno}, column {e.colno}): invalid JSON ({e.msg})"
+                            + ("; the file looks truncated" if e.pos >= len(text.rstrip()) - 1 else "")) from None
+        if not isinstance(rows, list):
+            return  # a mapping of columns or of splits: left to the builder
+    strings = set()
+    for row in rows:
+        if isinstance(row, dict):
+            strings.update(k for k, v in row.items() if isinstance(v, str))
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise DataError(f"{at} row {i}: expected a JSON object, got {_type_name(row)}")
+        for key in strings:
+            value = row.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) or isinstance(value, bool):
+                shown = _type_name(value) if isinstance(value, float) and not math.isfinite(value) \
+                    else f"{_type_name(value)} {value!r}"
+                raise DataError(f"{at} row {i}, field {key!r}: expected a string (as in other rows), got {shown}; "
+                                "quote it in the file")
 
 
 def _builder_for(files: list[str]) -> str:
@@ -80,6 +140,15 @@ def load_splits(path: str | None, data_files: str | list[str] | dict[str, Any] |
         source = ", ".join(files)
         split_sources = {split: ", ".join(v) for split, v in by_split.items()}
         builder = _builder_for(files)
+        for split, f in ((split, f) for split, v in by_split.items() for f in v):
+            if "*" in f or not os.path.isfile(f):
+                continue
+            if builder == "json" and os.path.getsize(f) <= CHECK_JSON_BYTES:
+                check_json_file(f, split)
+            elif os.path.getsize(f) == 0:
+                from lit_align.data.formats import DataError
+
+                raise DataError(f"{f}: the file is empty")
         options = _csv_as_text(files) if builder == "csv" else {}
         ds = datasets.load_dataset(builder, data_files=data_files, **options)
     elif path is not None:

@@ -12,7 +12,12 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from lit_align.models.causal_lm import _DTYPES, CausalLMSpec, build_hf_model
 from lit_align.models.tokenizer import build_tokenizer
@@ -92,6 +97,39 @@ def token_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     return captured[-1].squeeze(-1)
 
 
+# plain containers Lightning puts into a checkpoint's hyper-parameters
+_SAFE_CONTAINERS = ("lightning.fabric.utilities.data.AttributeDict", "jsonargparse._namespace.Namespace")
+
+
+def load_checkpoint_safely(path: str) -> dict:
+    """``torch.load(path, weights_only=True)`` of a Lightning checkpoint: tensors and plain data only,
+    so a checkpoint from elsewhere cannot run code when it is read. The globals it may name are the
+    settings dataclasses of ``lit_align`` (the module's init arguments in ``hyper_parameters``) and
+    Lightning's plain hyper-parameter containers; any other is refused by name."""
+    import dataclasses
+    import importlib
+
+    needed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    allowed, refused = [], []
+    for name in needed:
+        module, _, attr = name.rpartition(".")
+        obj = None
+        if name.startswith("lit_align.") or name in _SAFE_CONTAINERS:
+            try:
+                obj = getattr(importlib.import_module(module), attr)
+            except (ImportError, AttributeError):
+                obj = None
+        if obj is not None and (dataclasses.is_dataclass(obj) or name in _SAFE_CONTAINERS):
+            allowed.append(obj)
+        else:
+            refused.append(name)
+    if refused:
+        raise ValueError(f"load_reward_model: {path} needs objects that loading with weights_only=True does not "
+                         f"allow: {refused}; export the reward model with save_pretrained (an HF directory) instead")
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_reward_model(path: str, dtype: str | None = None, padding_side: str = "right", tokenizer: str | None = None
                       ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A trained reward model and its tokenizer, in eval mode, from either
@@ -126,7 +164,7 @@ def load_reward_model(path: str, dtype: str | None = None, padding_side: str = "
                              + ", ".join(f"{k.replace('_', ' ')} {v[:8]}" for k, v in problems.items() if v))
         tokenizer = build_tokenizer(tokenizer or path, padding_side=padding_side)
     elif os.path.isfile(path):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint_safely(path)
         hparams = checkpoint.get("hyper_parameters", {})
         spec = hparams.get("model")
         # A module built by LightningCLI stores its init arguments as plain dicts, one built in

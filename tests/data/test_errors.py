@@ -1,6 +1,7 @@
 """Bad rows raise DataError naming the file, the split, the row and the field."""
 
 import re
+import warnings
 
 import pytest
 
@@ -197,3 +198,88 @@ def test_eval_group_error_names_the_rows_source_location_when_kept(tmp_path):
         dm.eval_groups()
     dm.encoded["validation"].pop(2)
     assert dm.eval_groups() == ["a", "b"]
+
+
+# -- files datasets would misread ------------------------------------------------------------
+
+def _setup(path, cls=InstructionDataModule):
+    dm = cls(data_files=str(path), max_length=256)
+    dm.tokenizer = byte_tokenizer()
+    dm.setup("fit")
+
+
+@pytest.mark.parametrize("value,shown", [(29, "int 29"), (float("nan"), "float nan"), (1.5, "float 1.5")])
+def test_a_number_in_a_string_column_is_located(tmp_path, value, shown):
+    # datasets would read the column as numbers (turning "2" into 2) and blame row 0
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(__import__("json").dumps(r) for r in [PC, PC, {"prompt": "1+2=", "completion": value}]))
+    message = (f"{path} [train] row 2, field 'completion': expected a string (as in other rows), got {shown}; "
+               "quote it in the file")
+    with pytest.raises(DataError, match="^" + re.escape(message) + "$"):
+        _setup(path)
+
+
+@pytest.mark.parametrize("text,problem", [("", "the file is empty"), ("\n\n  \n", "the file holds only blank lines")])
+def test_an_empty_or_blank_file_is_named(tmp_path, text, problem):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(text)
+    with pytest.raises(DataError, match="^" + re.escape(f"{path}: {problem}") + "$"):
+        _setup(path)
+
+
+def test_an_empty_csv_is_named(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("")
+    with pytest.raises(DataError, match="^" + re.escape(f"{path}: the file is empty") + "$"):
+        _setup(path)
+
+
+def test_truncated_json_names_file_row_and_line(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    row = '{"prompt": "1+1=", "completion": "2"}\n'
+    path.write_text(row + "\n" + row + '{"prompt": "x", "com')
+    where = re.escape(f"{path} [train] row 2 (line 4): invalid JSON (Unterminated string")
+    with pytest.raises(DataError, match="^" + where + r".*the file looks truncated$"):
+        _setup(path)
+    array = tmp_path / "rows.json"
+    array.write_text('[{"prompt": "1+1=", "completion": "2"}, {"prompt": "x", "com')
+    with pytest.raises(DataError, match="^" + re.escape(f"{array} (line 1, column ") + r"\d+\): invalid JSON"):
+        _setup(array)
+
+
+def test_a_null_rejected_is_reported_against_rejected(tmp_path):
+    from lit_align.data import PreferenceDataModule
+
+    good = {"chosen": "Q: 1+1= A: 2", "rejected": "Q: 1+1= A: 3"}
+    with raises_located(tmp_path / "rows.jsonl", 2, "rejected", "expected a string or a list of turns, got NoneType"):
+        encoded_module(tmp_path, [good, good, {"chosen": "Q: 1+1= A: 2", "rejected": None}], name="rows.jsonl",
+                       cls=PreferenceDataModule)
+
+
+# -- prompts longer than max_length -----------------------------------------------------------
+
+def _prompt_module(tmp_path, prompts, max_length):
+    from lit_align import PromptDataModule
+
+    rows = [{"prompt": p, "answer": "1"} for p in prompts]
+    return encoded_module(tmp_path, rows, name="rows.jsonl", cls=PromptDataModule, max_length=max_length)
+
+
+def test_many_truncated_prompts_warn_with_counts(tmp_path):
+    from lit_align.data.prompt import TRUNCATED_SHARE
+
+    assert TRUNCATED_SHARE == 0.1
+    path = tmp_path / "rows.jsonl"
+    with pytest.warns(UserWarning, match=re.escape(f"{path} [train]: 2 of 10 prompts (20%, more than 10%) are longer"
+                                                   " than data.max_length=8 and lose their start")):
+        _prompt_module(tmp_path, ["a" * 20] * 2 + ["b"] * 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 1 of 10 is within the share: no warning
+        _prompt_module(tmp_path, ["a" * 20] + ["b"] * 9, 8)
+
+
+def test_every_prompt_truncated_is_refused(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    with pytest.raises(DataError, match="^" + re.escape(f"{path} [train]: every prompt (8 of 8) is longer than "
+                                                        "data.max_length=4 and would lose its start")):
+        _prompt_module(tmp_path, ["a long question?"] * 8, 4)

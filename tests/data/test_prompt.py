@@ -186,7 +186,8 @@ def test_truncation_of_message_prompts_drops_whole_leading_turns_first(tmp_path)
     enc = dm.encoded["train"][0]
     assert enc["prompt"] == chat(kept) and enc["prompt_ids"] == ids(chat(kept))
     # Too long even with the last user turn alone: tokens go from the left, the generation prompt stays.
-    dm = module(tmp_path, [{"prompt": MULTI, "answer": "8"}], max_length=17)
+    with pytest.warns(UserWarning, match="1 of 1 prompts"):
+        dm = module(tmp_path, [{"prompt": MULTI, "answer": "8"}], max_length=17)
     enc = dm.encoded["train"][0]
     assert enc["prompt_ids"] == ids("5?\n<|assistant|>\n") and enc["prompt"] == "5?\n<|assistant|>\n"
     assert dm.stats["data/train_truncated_prompt"] == 1
@@ -244,8 +245,9 @@ def test_wrong_prompt_type(tmp_path):
     raises_at_row_2(tmp_path, GOOD_CHAT, GOOD, "prompt", "expected a list of turns like the split's first row, got str")
     raises_at_row_2(tmp_path, GOOD, GOOD_CHAT, "prompt", "expected a string, got list", format="string")
     path = str(tmp_path / "rows.jsonl")
-    with pytest.raises(DataError, match=re.escape(f"{path} [train] row 0, field 'prompt': expected a string or a list"
-                                                  " of turns, got int")):
+    # (read before datasets would coerce the column: the number is reported as found in the file)
+    with pytest.raises(DataError, match=re.escape(f"{path} [train] row 0, field 'prompt': expected a string (as in"
+                                                  " other rows), got int 5; quote it in the file")):
         module(tmp_path, [{"prompt": 5, "answer": "2"}, GOOD])
 
 
