@@ -76,6 +76,22 @@ def _list_item_types() -> dict[str, type]:
     return {"rewards": RewardSpec, "extra_rewards": RewardSpec}
 
 
+def rewrite_options(args: list[str], rewrite) -> list[str]:
+    """``args`` with each option ``--key value`` or ``--key=value`` for which ``rewrite(key, value)``
+    returns an argument replaced by that one ``--key=...`` argument; the others pass unchanged."""
+    out, i = [], 0
+    while i < len(args):
+        arg, key, value, width = args[i], None, None, 1
+        if arg.startswith("--") and "=" in arg:
+            key, value = arg[2:].split("=", 1)
+        elif arg.startswith("--") and i + 1 < len(args):
+            key, value, width = arg[2:], args[i + 1], 2
+        new = rewrite(key, value) if key is not None else None
+        out.append(arg if new is None else new)
+        i += 1 if new is None else width
+    return out
+
+
 def complete_list_items(args: list[str]) -> list[str]:
     """``--...rewards '[{name: f}]'`` with every field of each item written out (the dataclass's defaults).
 
@@ -84,34 +100,27 @@ def complete_list_items(args: list[str]) -> list[str]:
     ``args``. A list given on the command line replaces the recipe's list entirely: its items
     are completed with the defaults before parsing."""
     types = _list_item_types()
-    out, i = [], 0
-    while i < len(args):
-        arg, key, value, width = args[i], None, None, 1
-        if arg.startswith("--") and "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        elif arg.startswith("--") and i + 1 < len(args):
-            key, value, width = arg[2:], args[i + 1], 2
-        cls = types.get((key or "").rpartition(".")[2])
-        items = None
-        if cls is not None:
-            try:
-                items = yaml.safe_load(value)
-            except yaml.YAMLError:
-                items = None
-        if isinstance(items, list) and all(isinstance(item, dict) for item in items):
-            defaults = {}
-            for f in dataclasses.fields(cls):
-                if f.default is not dataclasses.MISSING:
-                    defaults[f.name] = f.default
-                elif f.default_factory is not dataclasses.MISSING:
-                    defaults[f.name] = f.default_factory()
-            full = [{**defaults, **item} for item in items]
-            out.append(f"--{key}={yaml.safe_dump(full, default_flow_style=True).strip()}")
-            i += width
-        else:
-            out.append(arg)
-            i += 1
-    return out
+
+    def complete(key: str, value: str) -> str | None:
+        cls = types.get(key.rpartition(".")[2])
+        if cls is None:
+            return None
+        try:
+            items = yaml.safe_load(value)
+        except yaml.YAMLError:
+            return None
+        if not (isinstance(items, list) and all(isinstance(item, dict) for item in items)):
+            return None
+        defaults = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                defaults[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                defaults[f.name] = f.default_factory()
+        full = [{**defaults, **item} for item in items]
+        return f"--{key}={yaml.safe_dump(full, default_flow_style=True).strip()}"
+
+    return rewrite_options(args, complete)
 
 
 def nonfinite_settings(config, prefix: str = "") -> list[str]:
@@ -136,22 +145,13 @@ def nested_nulls(args: list[str]) -> list[str]:
     string ``"None"`` (so ``--model.init_args.model.config null`` fails to validate and a null
     tokenizer would become a tokenizer named "None"); a mapping given to the dataclass merges into
     its earlier value, which is the meaning of the override. Other arguments pass unchanged."""
-    out, i = [], 0
-    while i < len(args):
-        arg = args[i]
-        key, value, width = None, None, 1
-        if arg.startswith("--") and "=" in arg:
-            key, value = arg[2:].split("=", 1)
-        elif arg.startswith("--") and i + 1 < len(args):
-            key, value, width = arg[2:], args[i + 1], 2
-        parent, _, field = (key or "").rpartition(".")
+    def null_mapping(key: str, value: str) -> str | None:
+        parent, _, field = key.rpartition(".")
         if value in ("null", "None") and ".init_args." in f"{parent}." and not parent.endswith("init_args"):
-            out.append(f"--{parent}={{{field}: null}}")
-            i += width
-        else:
-            out.append(arg)
-            i += 1
-    return out
+            return f"--{parent}={{{field}: null}}"
+        return None
+
+    return rewrite_options(args, null_mapping)
 
 
 class AlignCLI(LightningCLI):
