@@ -52,7 +52,9 @@ class NonFiniteGuard(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         grads = [_local(p.grad) for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for g in grads) and self._bad_loss is None
+        # one host sync per step: the per-tensor norms (NaN or inf wherever a gradient has one), stacked
+        finite = self._bad_loss is None and (
+            not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()))
         finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         what, self._bad_loss = self._bad_loss or "gradient norm", None
         if finite:
