@@ -225,7 +225,7 @@ class AlignCLI(LightningCLI):
             # the best checkpoint only: last.ckpt has one writer, LastCheckpoint
             extra.append(ModelCheckpoint(dirpath=run["ckpt"], filename="best-step{step}", monitor=monitor, mode=mode,
                                          save_last=False, save_top_k=1, auto_insert_metric_name=False))
-            every = run["every"] or default_every_n_steps(config.get("max_steps") or -1)
+            every = run["every"] if run["every"] is not None else default_every_n_steps(config.get("max_steps") or -1)
             extra.append(LastCheckpoint(run["ckpt"], every_n_steps=every, every_seconds=run["seconds"]))
         if not any(isinstance(c, NonFiniteGuard) for c in given + extra):
             extra.append(NonFiniteGuard(max_skipped=run["skip"] or 0))

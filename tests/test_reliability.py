@@ -91,6 +91,16 @@ def test_non_finite_settings_in_yaml_are_refused(tmp_path):
         main(["--config", QUICKSTART, "--config", str(delta)], run=False)
 
 
+@pytest.mark.parametrize("option,match", [("--save_every_n_steps=0", "save_every_n_steps: must be >= 1, got 0"),
+                                          ("--save_every_n_steps=-5", "save_every_n_steps: must be >= 1, got -5"),
+                                          ("--save_every_minutes=0", "save_every_minutes: must be a finite number > 0"),
+                                          ("--save_every_minutes=-2.5", "save_every_minutes: .* got -2.5"),
+                                          ("--skip_nonfinite_steps=-1", "skip_nonfinite_steps: must be >= 0, got -1")])
+def test_bad_checkpoint_and_skip_intervals_are_refused_when_the_trainer_is_built(tmp_path, option, match):
+    with pytest.raises(ValueError, match=match):
+        main(["--config", QUICKSTART, *_dirs(tmp_path), option], run=False)
+
+
 @pytest.mark.slow
 def test_a_non_finite_gradient_stops_with_the_step_and_the_last_good_checkpoint(tmp_path):
     last = tmp_path / "ckpt" / "t" / "last.ckpt"

@@ -180,6 +180,16 @@ def test_resume_keeps_the_given_settings_and_refuses_other_weights(tmp_path):
         main(_args("sft", tmp_path, "t", 3, 2) + SFT_TINY[:1] + [wider, *SFT_TINY[2:], "--ckpt_path", ckpt])
 
 
+def test_resume_names_data_settings_that_differ_from_the_checkpoints(tmp_path):
+    ckpt = _sft_checkpoint(tmp_path)
+    saved = torch.load(ckpt, weights_only=True)["InstructionDataModule"]["settings"]
+    assert saved["micro_batch_size"] == 4 and saved["task"]["train_size"] == 16
+    with pytest.warns(UserWarning, match=r"data settings that differ .*data\.micro_batch_size: 2 \(checkpoint: 4\); "
+                                         r"data\.task\.train_size: 24 \(checkpoint: 16\)"):
+        main(_args("sft", tmp_path, "t", 3, 2) + SFT_TINY + ["--data.init_args.micro_batch_size", "2",
+                                                             "--data.init_args.task.train_size", "24",
+                                                             "--ckpt_path", ckpt])
+
 # -- loading never skips a key ---------------------------------------------------------------
 def test_loading_names_every_missing_and_unexpected_key_except_the_rebuilt_reference(tmp_path):
     from lit_align import DPO, SFT, CausalLMSpec

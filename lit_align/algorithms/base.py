@@ -219,12 +219,24 @@ class CausalLMModule(L.LightningModule):
         """Extra inputs of ``generate`` for a held-out batch (a multimodal model's images)."""
         return {}
 
-    def generate_greedy(self, batch: dict) -> list[str]:
+    def greedy_ids(self, batch: dict) -> torch.Tensor:
+        """``[B, C]`` greedy completion ids of a held-out batch (up to ``eval_max_new_tokens``)."""
         stops = self.stop_ids()
         sampling = SamplingParams(max_new_tokens=self.eval_max_new_tokens, temperature=0.0, stop_token_ids=stops)
-        ids = hf_generate(self.model, batch["prompt_ids"], batch["prompt_mask"], sampling,
-                          self.tokenizer.pad_token_id, stops, **self.generation_inputs(batch))
-        return decode_completions(self.tokenizer, ids, stops)
+        return hf_generate(self.model, batch["prompt_ids"], batch["prompt_mask"], sampling,
+                           self.tokenizer.pad_token_id, stops, **self.generation_inputs(batch))
+
+    def generate_greedy(self, batch: dict) -> list[str]:
+        return decode_completions(self.tokenizer, self.greedy_ids(batch), self.stop_ids())
+
+    def judge(self, batch: dict, completions: list[str], completion_ids: torch.Tensor, stage: str) -> list[bool]:
+        """Which held-out completions are correct: the data module's checker for tasks with a
+        checkable answer, else equality with the reference (stripped). Online RL modules judge
+        data without a checker by their correctness reward instead."""
+        checker = getattr(getattr(self.trainer, "datamodule", None), "checker", None)
+        if checker is not None:
+            return [checker(c, m, r) for c, m, r in zip(completions, batch["meta"], batch["references"])]
+        return [c.strip() == r.strip() for c, r in zip(completions, batch["references"])]
 
     def evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
         """One held-out batch of ``stage`` (``val`` or ``test``; validation and test run the same
@@ -243,13 +255,10 @@ class CausalLMModule(L.LightningModule):
         returns the completions."""
         if self.eval_max_new_tokens <= 0 or "prompt_ids" not in batch:
             return None
-        completions = self.generate_greedy(batch)
+        ids = self.greedy_ids(batch)
+        completions = decode_completions(self.tokenizer, ids, self.stop_ids())
         dm = getattr(self.trainer, "datamodule", None)
-        checker = getattr(dm, "checker", None)
-        if checker is not None:
-            correct = [checker(c, m, r) for c, m, r in zip(completions, batch["meta"], batch["references"])]
-        else:
-            correct = [c.strip() == r.strip() for c, r in zip(completions, batch["references"])]
+        correct = self.judge(batch, completions, ids, stage)
         metric = self.val_exact_match if stage == "val" else self.test_exact_match
         metric.update(correct)
         self.log(f"{stage}/exact_match", metric, on_step=False, on_epoch=True, batch_size=len(correct))

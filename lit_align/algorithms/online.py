@@ -19,7 +19,14 @@ from lit_align.distributed import all_reduce
 from lit_align.losses import CORRECTION_LEVELS, CORRECTION_MODES, KL_ESTIMATORS, mismatch_metrics, rollout_correction
 from lit_align.models import CausalLMSpec, LoraSpec, build_hf_config, disable_dropout
 from lit_align.rewards import Rewards, RewardSpec
-from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, build_engine, chunked_logprobs
+from lit_align.rollout import (
+    EngineSpec,
+    RolloutBatch,
+    SamplingParams,
+    build_engine,
+    chunked_logprobs,
+    completion_masks,
+)
 
 __all__ = ["DEFAULT_KL_ESTIMATOR", "OnlineRLModule", "all_reduce"]
 
@@ -82,6 +89,10 @@ class OnlineRLModule(CausalLMModule):
             or ``{name: ..., args: {...}}`` (:class:`~lit_align.rollout.EngineSpec`) with the
             engine's settings; built as ``Class(tokenizer, logprob_batch_size=forward_batch_size, **args)``
             and checked against the policy's config and the sampling settings here.
+        eval_reward_threshold: on held-out data without a checker (not a built-in task), a greedy
+            completion counts as correct (``val/exact_match``) when the correctness reward, the
+            first configured one (as for dynamic sampling), reaches this value; ``None``: 1.0 (full
+            marks of a 0/1 reward). Refused on data with a checker, which judges instead.
 
     Every setting is checked here and kept as an attribute of the same name; ``hparams`` is the
     record of what was given (checkpoints, CLI).
@@ -94,7 +105,8 @@ class OnlineRLModule(CausalLMModule):
                  sampling: SamplingParams | None, num_generations: int, beta: float, kl_estimator: str | None,
                  reference: CausalLMSpec | None, forward_batch_size: int, lora: LoraSpec | None,
                  eval_max_new_tokens: int, num_logged_samples: int, extra_rewards: list[RewardSpec] = (),
-                 engine: EngineSpec | str = "hf", rollout_correction: RolloutCorrectionSpec | None = None):
+                 engine: EngineSpec | str = "hf", rollout_correction: RolloutCorrectionSpec | None = None,
+                 eval_reward_threshold: float | None = None):
         super().__init__(model=model, optim=optim, eval_max_new_tokens=eval_max_new_tokens,
                          num_logged_samples=num_logged_samples, lora=lora)
         sampling = sampling or SamplingParams(temperature=1.0)
@@ -111,6 +123,8 @@ class OnlineRLModule(CausalLMModule):
             (lora is not None and reference is not None,
              "reference: with lora the reference is the base with adapters disabled; drop it"),
             (forward_batch_size < 1, f"forward_batch_size: must be >= 1, got {forward_batch_size}"),
+            (eval_reward_threshold is not None and not math.isfinite(eval_reward_threshold),
+             f"eval_reward_threshold: must be a finite number, got {eval_reward_threshold}"),
             (lora is not None and lora.dropout > 0, f"lora.dropout: {lora.dropout if lora else 0} would make the "
              "rollout's log-probs differ from the training forward's (the first ratio would not be 1); set it to 0"),
         ])
@@ -126,6 +140,8 @@ class OnlineRLModule(CausalLMModule):
         self.engine.segments = self.training_segments
         self.forward_batch_size = forward_batch_size
         self.rollout_correction = rollout_correction
+        self.eval_reward_given = eval_reward_threshold is not None
+        self.eval_reward_threshold = 1.0 if eval_reward_threshold is None else float(eval_reward_threshold)
         self._all_truncated = 0
         self._empty_rollouts = 0
         self.beta, self.kl_estimator = beta, resolved_kl
@@ -161,6 +177,10 @@ class OnlineRLModule(CausalLMModule):
                     raise ValueError(f"{type(self).__name__}.rewards[{i}] 'task_check': the data module "
                                      f"{type(dm).__name__} has no checker (only built-in tasks have one); "
                                      "use arith_match or your own reward")
+        if dm is not None and self.data_checker() is not None and self.eval_reward_given:
+            raise ValueError(f"{type(self).__name__}.eval_reward_threshold: set to {self.eval_reward_threshold} but "
+                             f"the data module {type(dm).__name__} has a checker, which judges held-out completions; "
+                             "drop it")
         prompts = getattr(getattr(dm, "hparams", None), "micro_batch_size", None)
         if isinstance(prompts, int):
             self.check_mini_batches(prompts * self.num_generations, prompts)
@@ -214,6 +234,25 @@ class OnlineRLModule(CausalLMModule):
                                     max_new_tokens=self.sampling.max_new_tokens,
                                     completion_ids=rollout.completion_ids.tolist(), checker=self.data_checker())
         return total.to(self.device), {k: v.to(self.device) for k, v in parts.items()}
+
+    def judge(self, batch: dict, completions: list[str], completion_ids: torch.Tensor, stage: str) -> list[bool]:
+        """Held-out correctness: the data's checker where it has one; otherwise the correctness
+        reward (the first configured reward) at least :attr:`eval_reward_threshold`, so that
+        ``val/exact_match`` measures what training optimises rather than string equality with
+        one reference (its mean is logged as ``<stage>/reward/<label>``)."""
+        if self.data_checker() is not None:
+            return super().judge(batch, completions, completion_ids, stage)
+        mask, truncated = completion_masks(completion_ids, self.stop_ids())
+        lengths = mask.sum(-1) - (~truncated).long()  # the stop token is not content
+        prompts = batch.get("prompts") or self.tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
+        label = self.rewards.names[0]
+        values = self.rewards.score_one(label, list(prompts), completions, list(batch["meta"]),
+                                        completion_lengths=lengths.tolist(), truncated=truncated.tolist(),
+                                        max_new_tokens=self.eval_max_new_tokens,
+                                        completion_ids=completion_ids.tolist(), checker=None)
+        self.log(f"{stage}/reward/{label}", values.mean().to(self.device), on_step=False, on_epoch=True,
+                 batch_size=len(completions))
+        return (values >= self.eval_reward_threshold).tolist()
 
     def data_checker(self) -> Callable[[str, dict, str], bool] | None:
         """The attached data module's ``checker(completion, meta, reference)`` (``None``: no

@@ -96,6 +96,7 @@ class PolicyGradient(OnlineRLModule):
         rollout_correction: importance weights for the sampler / training-forward gap
             (:class:`~lit_align.algorithms.online.RolloutCorrectionSpec`; ``None``: off).
         lora, eval_max_new_tokens, num_logged_samples: as in :class:`CausalLMModule`.
+        eval_reward_threshold: as in :class:`~lit_align.algorithms.online.OnlineRLModule`.
 
     Invalid combinations fail here, at construction.
     """
@@ -111,7 +112,8 @@ class PolicyGradient(OnlineRLModule):
                  overlong_filtering: bool = False, overlong_buffer: int | None = 0,
                  overlong_penalty_factor: float | None = None, engine: EngineSpec | str = "hf",
                  rollout_correction: RolloutCorrectionSpec | None = None, lora: LoraSpec | None = None,
-                 eval_max_new_tokens: int = 32, num_logged_samples: int = 4):
+                 eval_max_new_tokens: int = 32, num_logged_samples: int = 4,
+                 eval_reward_threshold: float | None = None):
         sampling = sampling or SamplingParams(temperature=1.0)
         if overlong_buffer is None:  # DAPO's soft band: the last fifth of the generation limit (4096 of 20480)
             overlong_buffer = max(1, sampling.max_new_tokens // 5)
@@ -155,7 +157,8 @@ class PolicyGradient(OnlineRLModule):
                          beta=beta, kl_estimator=kl_estimator, reference=reference,
                          forward_batch_size=forward_batch_size, lora=lora, eval_max_new_tokens=eval_max_new_tokens,
                          num_logged_samples=num_logged_samples, extra_rewards=extra, engine=engine,
-                         rollout_correction=rollout_correction)
+                         rollout_correction=rollout_correction,
+                         eval_reward_threshold=eval_reward_threshold)
         self.check_settings([
             (num_generations < 2,
              f"num_generations: need >= 2 samples per prompt for group advantages, got {num_generations}"),

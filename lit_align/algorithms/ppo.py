@@ -106,7 +106,8 @@ class PPO(OnlineRLModule):
             rollout; at most the rows a rank samples per step (prompts per batch x
             ``num_generations``), checked when fitting starts.
         forward_batch_size: rows per forward/backward.
-        reference, lora, eval_max_new_tokens, num_logged_samples, engine: as in :class:`OnlineRLModule`.
+        reference, lora, eval_max_new_tokens, num_logged_samples, engine, eval_reward_threshold: as in
+            :class:`OnlineRLModule`.
         policy_loss: the actor's per-token surrogate, a name in :data:`~lit_align.losses.POLICY_LOSSES`.
         rollout_correction: as in :class:`~lit_align.algorithms.policy_gradient.PolicyGradient`.
 
@@ -123,11 +124,13 @@ class PPO(OnlineRLModule):
                  vf_coef: float = 0.1, entropy_coef: float = 0.0, ppo_epochs: int = 4, mini_batches: int = 1,
                  forward_batch_size: int = 32, reference: CausalLMSpec | None = None, lora: LoraSpec | None = None,
                  eval_max_new_tokens: int = 32, num_logged_samples: int = 4, engine: EngineSpec | str = "hf",
-                 policy_loss: str = "ppo_clip", rollout_correction: RolloutCorrectionSpec | None = None):
+                 policy_loss: str = "ppo_clip", rollout_correction: RolloutCorrectionSpec | None = None,
+                 eval_reward_threshold: float | None = None):
         super().__init__(model=model, optim=optim, rewards=rewards, sampling=sampling, num_generations=num_generations,
                          beta=beta, kl_estimator=kl_estimator, reference=reference,
                          forward_batch_size=forward_batch_size, lora=lora, eval_max_new_tokens=eval_max_new_tokens,
-                         num_logged_samples=num_logged_samples, engine=engine, rollout_correction=rollout_correction)
+                         num_logged_samples=num_logged_samples, engine=engine, rollout_correction=rollout_correction,
+                         eval_reward_threshold=eval_reward_threshold)
         self.check_settings([
             (not 0.0 <= gamma <= 1.0 or not 0.0 <= lam <= 1.0, f"gamma / lam: must be in [0, 1], got {gamma}, {lam}"),
             (not 0.0 < clip_range < 1.0, f"clip_range: must be in (0, 1), got {clip_range}"),

@@ -4,6 +4,7 @@ at an interruption (SIGTERM, SIGINT), always by replacing the previous file atom
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import signal
@@ -81,8 +82,8 @@ class LastCheckpoint(L.Callback):
     def __init__(self, dirpath: str, every_n_steps: int | None = None, every_seconds: float | None = None):
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"save_every_n_steps: must be >= 1, got {every_n_steps}")
-        if every_seconds is not None and not every_seconds > 0:
-            raise ValueError(f"save_every_minutes: must be > 0, got {every_seconds / 60}")
+        if every_seconds is not None and not 0 < every_seconds < math.inf:
+            raise ValueError(f"save_every_minutes: must be a finite number > 0, got {every_seconds / 60}")
         self.dirpath, self.every_n_steps, self.every_seconds = dirpath, every_n_steps, every_seconds
         self.path = os.path.join(dirpath, self.FILENAME)
         self.last_saved_path: str | None = None  # the newest checkpoint this run wrote

@@ -9,12 +9,13 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_align.data.batching import PlannedBatches, ResumableLoader
 from lit_align.data.encode import TRUNCATION, Dropped
 from lit_align.data.formats import DataError, Where
 from lit_align.data.sources import ROW_COLUMN, load_splits, task_splits
+from lit_align.settings import differences, plain
 
 SCALARS = (str, int, float, bool)
 
@@ -212,6 +213,28 @@ class TextDataModule(L.LightningDataModule):
         if self.uses_task and hasattr(self.task, "check"):
             return lambda completion, meta, reference: self.task.check(completion, meta["answer"])
         return None
+
+    # -- checkpoints ---------------------------------------------------------------
+    def settings(self) -> dict:
+        """The data settings as plain data: the constructor's hyperparameters and the built-in
+        task's fields (which ``hparams`` leaves out)."""
+        return plain({**dict(self.hparams), "task": self.task})
+
+    def state_dict(self) -> dict:
+        # Lightning writes this into every checkpoint under the class name
+        return {"settings": self.settings()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """On resume, warn naming every data setting that differs from the checkpoint's: the
+        given values apply, and the resumed run no longer repeats the uninterrupted one."""
+        saved = state.get("settings")
+        if saved is None:
+            return
+        diffs = differences(self.settings(), saved)
+        if diffs:
+            lines = "; ".join(f"data.{key}: {value!r} (checkpoint: {old!r})" for key, value, old in diffs)
+            rank_zero_warn(f"{type(self).__name__}: resuming with data settings that differ from the checkpoint's; the "
+                           f"given values apply, so the run will not repeat the uninterrupted one: {lines}")
 
     def _dist(self) -> tuple[int, int, int]:
         t = self.trainer

@@ -235,6 +235,12 @@ class Rewards:
             total += weight * values.double()
         return total.float(), raw
 
+    def score_one(self, label: str, prompts: list[str], completions: list[str], meta: list[dict],
+                  **context: Any) -> torch.Tensor:
+        """``[N]`` float32 values of the one reward labelled ``label`` (checked as in ``__call__``)."""
+        i = self.names.index(label)
+        return self._run(self.fns[i], label, prompts, completions, meta, context)
+
     def _run(self, fn: RewardFn, label: str, prompts: list[str], completions: list[str], meta: list[dict],
              context: dict) -> torch.Tensor:
         n = len(completions)

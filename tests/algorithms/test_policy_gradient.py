@@ -729,3 +729,52 @@ def test_rollouts_without_a_step_warn_then_stop():
     with pytest.raises(RuntimeError, match=f"last {EMPTY_ROLLOUTS_LIMIT} rollouts .* Stopping at global step 0"):
         for _ in range(EMPTY_ROLLOUTS_LIMIT - EMPTY_ROLLOUTS_WARNING):
             m.watch_empty_rollouts(True)
+
+
+# -- held-out correctness on data without a checker -------------------------------------------
+def _file_prompts(tmp_path, n=12):
+    from lit_align import PromptDataModule
+    from tests.data.util import write_jsonl
+
+    rows = [{"prompt": f"{i}+{i + 3}=", "answer": str(2 * i + 3)} for i in range(n)]
+    path = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    return PromptDataModule(data_files={"train": path, "validation": path}, max_length=16, micro_batch_size=4,
+                            eval_batch_size=5)
+
+
+def _validate(tmp_path, m, dm):
+    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    return trainer.validate(m, datamodule=dm, verbose=False)[0]
+
+
+def thirds_reward(prompts, completions, meta, **context):
+    """1 for answers divisible by 3, 0.75 one above, 0 two above; scores the meta, not the
+    text, so a tiny random model's completions still get every value."""
+    return [(1.0, 0.75, 0.0)[int(m["answer"]) % 3] for m in meta]
+
+
+@pytest.mark.parametrize("threshold, expected", [(None, 4 / 12), (0.5, 8 / 12)])
+def test_held_out_accuracy_without_a_checker_is_the_correctness_reward(tmp_path, threshold, expected):
+    """On files (no task checker) val/exact_match counts completions whose first reward reaches
+    the threshold (default 1.0), not completions equal to the reference; answers 3..25 step 2
+    fall 4 / 4 / 4 into the reward's three values."""
+    thirds = RewardSpec("tests.algorithms.test_policy_gradient:thirds_reward", label="thirds")
+    m = PolicyGradient(model=CausalLMSpec(config=tiny_config(), seed=1), rewards=[thirds, ODD], num_generations=2,
+                       sampling=SamplingParams(max_new_tokens=4, temperature=1.0), eval_max_new_tokens=5,
+                       eval_reward_threshold=threshold)
+    out = _validate(tmp_path, m, _file_prompts(tmp_path))
+    assert out["val/exact_match"] == pytest.approx(expected)
+    assert out["val/reward/thirds"] == pytest.approx((4 * 1.0 + 4 * 0.75) / 12)
+
+
+def test_a_threshold_on_data_with_a_checker_is_refused(tmp_path):
+    m = _module(eval_reward_threshold=0.5)
+    trainer = _trainer(tmp_path, 1)
+    with pytest.raises(ValueError, match="eval_reward_threshold: set to 0.5 but the data module .* has a checker"):
+        trainer.fit(m, datamodule=_data())
+
+
+def test_a_non_finite_threshold_is_refused():
+    with pytest.raises(ValueError, match="eval_reward_threshold: must be a finite number"):
+        _module(eval_reward_threshold=float("nan"))
