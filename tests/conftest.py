@@ -117,7 +117,8 @@ def arith_prompts(prompts: int = 4, train_size: int = 16, **kwargs):
 
 def sample_rollout(module, prompts: int = 4, n: int = 4, seed: int = 0):
     """``n`` sampled completions (4 new tokens, temperature 1) for each of the first ``prompts``
-    arith training prompts, from an online-RL module's policy and engine."""
+    arith training prompts, from an online-RL module's policy and engine, scored by the training
+    forward (also where the module's own step would skip that and reuse its forward's)."""
     from lit_align.rollout import SamplingParams
 
     dm = arith_prompts(prompts)
@@ -125,7 +126,11 @@ def sample_rollout(module, prompts: int = 4, n: int = 4, seed: int = 0):
     dm.setup("fit")
     batch = dm.collate([[r] for r in dm.encoded["train"][:prompts]])
     torch.manual_seed(seed)
-    return module.engine.generate(module.model, batch, SamplingParams(max_new_tokens=4, temperature=1.0, n=n))
+    sampling = SamplingParams(max_new_tokens=4, temperature=1.0, n=n)
+    rollout = module.engine.generate(module.model, batch, sampling)
+    if not module.engine.score_rollouts:
+        module.engine.score(module.model, rollout, sampling.temperature)
+    return rollout
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 import torch
 
 SCHEDULES = ("cosine", "linear", "constant")
+#: AdamW implementations: one fused kernel per step, one multi-tensor launch per group, or a
+#: Python loop over the parameters (torch's default for CPU tensors, several times slower there)
+IMPLS = ("auto", "fused", "foreach", "for-loop")
+FUSED_DEVICES = ("cpu", "cuda", "mps", "xpu")
 
 
 @dataclass
@@ -28,6 +32,10 @@ class OptimSpec:
             (``max_steps``, or epochs x batches / accumulation).
         grad_clip: clip the global gradient norm to this value (``None``: no clipping), in every
             module; the trainer's ``gradient_clip_val`` may only repeat it.
+        impl: the AdamW kernel: ``fused`` (one kernel for all parameters), ``foreach``
+            (multi-tensor), ``for-loop`` (one parameter at a time), or ``auto`` (the default):
+            ``fused`` where the parameters' device has the kernel, as TRL's default
+            ``adamw_torch_fused``, else ``foreach``. The update is the same formula in each.
     """
 
     lr: float = 1e-4
@@ -40,6 +48,7 @@ class OptimSpec:
     min_lr_ratio: float = 0.1
     total_steps: int | None = None
     grad_clip: float | None = 1.0
+    impl: str = "auto"
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -52,6 +61,8 @@ class OptimSpec:
         if bad:
             raise ValueError("optim: " + "; ".join(bad))
         problems = [f"lr={self.lr} must be > 0"] if self.lr <= 0 else []
+        if self.impl not in IMPLS:
+            problems.append(f"impl={self.impl!r} is not one of {IMPLS}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             problems.append(f"warmup_steps={self.warmup_steps} must be >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -86,6 +97,20 @@ def lr_factor(step: int, warmup: int, total: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * decay
 
 
+def adamw_kernel(impl: str, params: list[torch.Tensor]) -> dict:
+    """``torch.optim.AdamW`` keyword arguments selecting ``impl`` (see :class:`OptimSpec`)."""
+    if impl == "auto":
+        fusable = all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+        impl = "fused" if fusable else "foreach"
+    if impl == "fused":
+        bad = sorted({f"{p.device.type}/{p.dtype}" for p in params
+                      if p.device.type not in FUSED_DEVICES or not p.is_floating_point()})
+        if bad:
+            raise ValueError(f"optim.impl: 'fused' has no kernel for parameters on {', '.join(bad)}; use 'foreach'")
+        return {"fused": True, "foreach": False}
+    return {"fused": False, "foreach": impl == "foreach"}
+
+
 def build_optimizer(spec: OptimSpec, params, total_steps: int) -> dict:
     """Lightning's ``configure_optimizers`` dict: AdamW plus a per-step LambdaLR."""
     params = [p for p in params if p.requires_grad]
@@ -95,7 +120,8 @@ def build_optimizer(spec: OptimSpec, params, total_steps: int) -> dict:
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": spec.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, betas=spec.betas, eps=spec.eps)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=spec.lr, betas=spec.betas, eps=spec.eps,
+                                  **adamw_kernel(spec.impl, params))
     total = spec.total_steps or total_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, spec.warmup(total), total, spec.schedule, spec.min_lr_ratio))

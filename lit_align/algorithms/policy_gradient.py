@@ -178,6 +178,13 @@ class PolicyGradient(OnlineRLModule):
         self.clip_low, self.clip_high, self.importance_sampling_level = clip_low, clip_high, importance_sampling_level
         self.kl_in_reward, self.num_iterations, self.mini_batches = kl_in_reward, num_iterations, mini_batches
         self.dynamic_sampling, self.overlong_filtering = dynamic_sampling, overlong_filtering
+        # One optimizer step per rollout: the rollout's log-probs under the weights that sampled it
+        # are the training forward's own, detached, so the no-grad scoring forward is skipped (as
+        # TRL skips it) and the ratio of that step is exactly 1 either way. Every other setting
+        # needs them before the update (later passes, the KL in the reward, the correction weights).
+        self.reuse_training_logprobs = (num_iterations == 1 and mini_batches == 1 and not kl_in_reward
+                                        and rollout_correction is None)
+        self.engine.score_rollouts = not self.reuse_training_logprobs
         self.max_generation_rounds = (DEFAULT_GENERATION_ROUNDS if max_generation_rounds is None
                                       else max_generation_rounds)
         # the reward groups are filtered on: the first configured one (the correctness reward) by default
@@ -242,7 +249,8 @@ class PolicyGradient(OnlineRLModule):
         loss_rows = torch.zeros(len(out), dtype=torch.bool, device=self.device)
         loss_rows[: loss_groups * g] = True
         # the kept rows came from several rollouts: score them again in one training layout
-        self.engine.score(self.model, out, self.sampling.temperature)
+        if not self.reuse_training_logprobs:
+            self.engine.score(self.model, out, self.sampling.temperature)
         stats.update(rounds=rounds, drop_rate=(n_seen - n_varied) / n_seen, surplus_groups=n_varied - loss_groups,
                      filled_groups=target - loss_groups, loss_rows=loss_rows)
         return out, total, parts, stats
@@ -276,14 +284,19 @@ class PolicyGradient(OnlineRLModule):
 
     def micro_loss(self, rollout: RolloutBatch, old_logp: torch.Tensor, ref_logp: torch.Tensor | None,
                    advantages: torch.Tensor, loss_mask: torch.Tensor, num_tokens: torch.Tensor,
-                   num_seqs: torch.Tensor, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+                   num_seqs: torch.Tensor, weights: torch.Tensor | None = None,
+                   reuse: bool = False) -> tuple[torch.Tensor, dict]:
         """Loss of one micro-batch as its share of the optimizer step's loss (sums over micro-batches
         and ranks to the step's value). All ``[n, C]`` inputs are cut to ``rollout``'s width;
-        ``weights`` are the rollout-correction factors of the policy loss (``None``: off)."""
+        ``weights`` are the rollout-correction factors of the policy loss (``None``: off). With
+        ``reuse`` the rollout was not scored: ``old_logp`` (``[n, C]``, written in place) receives
+        this forward's detached log-probs, which are the old ones."""
         c = rollout.completion_ids.shape[1]
+        logp, entropy = completion_logprobs(self.model, rollout, self.sampling.temperature, with_entropy=True)
+        if reuse:
+            old_logp[:, :c] = logp.detach()
         old_logp, loss_mask = old_logp[:, :c], loss_mask[:, :c]
         weights = weights[:, :c] if weights is not None else None
-        logp, entropy = completion_logprobs(self.model, rollout, self.sampling.temperature, with_entropy=True)
         agg = dict(agg_mode=self.loss_agg_mode, max_len=self.sampling.max_new_tokens, num_tokens=num_tokens,
                    num_seqs=num_seqs)
         loss, metrics = policy_loss(logp, old_logp, advantages, loss_mask, self.clip_low, self.clip_high,
@@ -309,9 +322,11 @@ class PolicyGradient(OnlineRLModule):
         ref_logp = self.reference_logprobs(rollout) if self.reference is not None else None
         loss_mask = self.loss_mask(rollout, stats.get("loss_rows"))
         advantages = self.advantages(rollout, total, ref_logp)
-        weights, mismatch = self.correction(rollout)
+        weights, mismatch = (None, {}) if self.reuse_training_logprobs else self.correction(rollout)
         step_metrics = self.update(rollout, rollout.logprobs, ref_logp, advantages, loss_mask, stats.get("loss_rows"),
                                    weights)
+        if self.reuse_training_logprobs:  # the update filled rollout.logprobs in
+            _, mismatch = self.correction(rollout)
         t2 = time.perf_counter()
         self.log_rollout(rollout, total, parts, stats, {**step_metrics, **mismatch}, t1 - t0, t2 - t1)
 
@@ -344,8 +359,11 @@ class PolicyGradient(OnlineRLModule):
 
         def micro(rows: list[int], chunk: RolloutBatch, norms) -> tuple[torch.Tensor, dict]:
             extra = {} if weights is None else {"weights": weights[rows]}
-            return self.micro_loss(chunk, old_logp[rows], None if ref_logp is None else ref_logp[rows],
-                                   advantages[rows], loss_mask[rows], *norms, **extra)
+            # rows are a contiguous range: the slice is a view the reused log-probs are written into
+            old = old_logp[rows[0]: rows[-1] + 1] if self.reuse_training_logprobs else old_logp[rows]
+            return self.micro_loss(chunk, old, None if ref_logp is None else ref_logp[rows],
+                                   advantages[rows], loss_mask[rows], *norms, reuse=self.reuse_training_logprobs,
+                                   **extra)
 
         metrics = StepMetrics(shares=("pg_loss",), mins=("ratio_min",), maxs=("ratio_max",))
         stepped = [(self.optimizers(), self.lr_schedulers(), self.optim.grad_clip, "")]

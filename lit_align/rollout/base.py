@@ -104,6 +104,9 @@ class RolloutEngine(abc.ABC):
         #: ``n -> [(lo, hi), ...]``, the mini-batches a module trains a rollout of ``n`` rows in
         #: (set by the module); ``None``: one segment.
         self.segments: Callable[[int], list[tuple[int, int]]] | None = None
+        #: ``False``: :meth:`generate` leaves ``RolloutBatch.logprobs`` at 0 and skips the scoring
+        #: forward, for a module whose single optimizer step per rollout computes them itself
+        self.score_rollouts = True
 
     def score(self, model: torch.nn.Module, rollout: RolloutBatch, temperature: float) -> None:
         """Set ``rollout.logprobs`` to the training forward's log-probs of the sampled tokens

@@ -270,5 +270,6 @@ class HFEngine(RolloutEngine):
             meta=[m for m in prompts.get("meta", [{}] * len(prompts["prompt_ids"])) for _ in range(n)],
             group_size=n,
         ).trimmed()
-        self.score(model, rollout, sampling.temperature)
+        if self.score_rollouts:
+            self.score(model, rollout, sampling.temperature)
         return rollout

@@ -385,5 +385,6 @@ class VLLMEngine(RolloutEngine):
             meta=[m for m in prompts.get("meta", [{}] * b) for _ in range(n)],
             group_size=n, sampler_logprobs=(sampler * mask).to(device),
         ).trimmed()
-        self.score(model, rollout, sampling.temperature)
+        if self.score_rollouts:
+            self.score(model, rollout, sampling.temperature)
         return rollout

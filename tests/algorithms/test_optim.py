@@ -46,10 +46,46 @@ def test_default_is_adamw_with_warmup_and_cosine_and_no_decay_on_1d_weights():
     (dict(min_lr_ratio=2.0), "min_lr_ratio"), (dict(betas=(0.9, 1.5)), "betas"),
     (dict(weight_decay=-0.1), "weight_decay"),
     (dict(total_steps=0), "total_steps"), (dict(grad_clip=0.0), "grad_clip"), (dict(schedule="step"), "schedule"),
+    (dict(impl="apex"), "impl='apex'"),
 ])
 def test_invalid_settings_fail_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         OptimSpec(**kwargs)
+
+
+def _adamw_run(impl: str, dtype=torch.float32) -> tuple[torch.optim.Optimizer, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.LayerNorm(16), torch.nn.Linear(16, 3)).to(dtype)
+    x = torch.randn(32, 8, dtype=dtype)
+    opt = build_optimizer(OptimSpec(lr=1e-2, weight_decay=0.1, warmup_steps=0, impl=impl), model.parameters(),
+                          total_steps=20)["optimizer"]
+    for _ in range(20):
+        model(x).float().pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return opt, [p.detach().float() for p in model.parameters()]
+
+
+def test_every_adamw_kernel_takes_the_same_steps_and_auto_is_fused_on_cpu():
+    opt, reference = _adamw_run("for-loop")
+    assert not opt.defaults["fused"] and not opt.defaults["foreach"]
+    for impl in ("foreach", "fused", "auto"):
+        opt, params = _adamw_run(impl)
+        assert opt.defaults["fused"] == (impl in ("fused", "auto")) and opt.defaults["foreach"] == (impl == "foreach")
+        for a, b in zip(params, reference):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # bf16 weights (bf16-true): the fused kernel takes them too
+    _, bf16 = _adamw_run("fused", torch.bfloat16)
+    _, bf16_loop = _adamw_run("for-loop", torch.bfloat16)
+    for a, b in zip(bf16, bf16_loop):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_on_parameters_without_the_kernel_is_refused_by_name():
+    with pytest.raises(ValueError, match="'fused' has no kernel for parameters on meta"):
+        build_optimizer(OptimSpec(impl="fused"), [torch.nn.Parameter(torch.zeros(2, 2, device="meta"))], 10)
+    opt = build_optimizer(OptimSpec(), [torch.nn.Parameter(torch.zeros(2, 2, device="meta"))], 10)["optimizer"]
+    assert opt.defaults["foreach"] and not opt.defaults["fused"]  # auto falls back to the multi-tensor kernel
 
 
 def _fit(tmp_path, grad_clip, trainer_clip=None):

@@ -240,7 +240,7 @@ def test_every_online_module_and_preset_takes_the_engine_setting():
 
 # -- the loss ---------------------------------------------------------------------------
 def test_first_update_ratio_is_exactly_one():
-    m = _module(forward_batch_size=8)
+    m = _module(forward_batch_size=8, num_iterations=2)  # several passes: the rollout is scored first
     rollout = _rollout(m)
     mask = m.loss_mask(rollout)
     tokens, seqs = m.step_normalizers(mask)
@@ -250,6 +250,55 @@ def test_first_update_ratio_is_exactly_one():
         _, metrics = m.micro_loss(rollout.select(rows).trimmed(), rollout.logprobs[rows], None, adv[rows],
                                   mask[rows], tokens, seqs)
         assert metrics["ratio_min"].item() == 1.0 and metrics["ratio_max"].item() == 1.0
+
+
+def _one_step(tmp_path, reuse: bool, **kw):
+    m = _module(forward_batch_size=8, rewards=[ODD], **kw)
+    scored = []
+    score = m.engine.score
+    m.engine.score = lambda *a: scored.append(1) or score(*a)
+    if not reuse:  # the scoring pass forced back on
+        m.reuse_training_logprobs, m.engine.score_rollouts = False, True
+    seen = {}
+    update = m.update
+
+    def record(rollout, old_logp, *args, **kwargs):
+        out = update(rollout, old_logp, *args, **kwargs)
+        seen["old"] = old_logp.clone()
+        return out
+
+    m.update = record
+    L.seed_everything(0)
+    trainer = _trainer(tmp_path / str(reuse), max_steps=1)
+    trainer.fit(m, datamodule=_data(prompts=4))
+    return m, seen["old"], len(scored), {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
+@pytest.mark.parametrize("kw", [{}, {"beta": 0.04, "kl_estimator": "k3"}])
+def test_one_step_per_rollout_reuses_the_training_forwards_log_probs(tmp_path, kw):
+    """One optimizer step per rollout: the scoring forward is skipped and the update writes its own
+    detached log-probs in as the old ones; weights, old log-probs and every metric (the first
+    ratio of 1, the sampler mismatch) equal those of the run that scores first."""
+    fast, fast_old, fast_scored, fast_metrics = _one_step(tmp_path, True, **kw)
+    slow, slow_old, slow_scored, slow_metrics = _one_step(tmp_path, False, **kw)
+    assert fast.reuse_training_logprobs and (fast_scored, slow_scored) == (0, 1)
+    torch.testing.assert_close(fast_old, slow_old, rtol=0, atol=1e-6)
+    assert fast_old.abs().sum() > 0
+    for a, b in zip(fast.model.parameters(), slow.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)
+    assert fast_metrics.keys() == slow_metrics.keys()
+    assert fast_metrics["train/policy/ratio_max"] == fast_metrics["train/policy/ratio_min"] == 1.0
+    for key in fast_metrics:
+        if not key.startswith("train/time"):
+            assert fast_metrics[key] == pytest.approx(slow_metrics[key], abs=1e-5), key
+    assert "train/mismatch/k3" in fast_metrics or any(k.startswith("train/mismatch/") for k in fast_metrics)
+
+
+@pytest.mark.parametrize("kw", [dict(num_iterations=2), dict(mini_batches=2), dict(kl_in_reward=True, beta=0.1,
+                                                                                   kl_estimator="k1")])
+def test_rollouts_are_scored_when_the_update_needs_log_probs_first(kw):
+    m = _module(**kw)
+    assert not m.reuse_training_logprobs and m.engine.score_rollouts
 
 
 def _grads(m, rollout, adv, batch_size, ref=None):
@@ -366,9 +415,9 @@ def test_overlong_filtering_keeps_the_sequence_denominator(tmp_path, agg):
     seen = []
     micro_loss = m.micro_loss
 
-    def rec(rollout, old_logp, ref_logp, advantages, loss_mask, num_tokens, num_seqs):
+    def rec(rollout, old_logp, ref_logp, advantages, loss_mask, num_tokens, num_seqs, **kw):
         seen.append((loss_mask.clone(), advantages.clone(), num_tokens.item(), num_seqs.item()))
-        return micro_loss(rollout, old_logp, ref_logp, advantages, loss_mask, num_tokens, num_seqs)
+        return micro_loss(rollout, old_logp, ref_logp, advantages, loss_mask, num_tokens, num_seqs, **kw)
 
     m.micro_loss = rec
     _recording(m, calls)
@@ -492,8 +541,8 @@ def _recording(m, calls):
         calls.setdefault("collect", []).append(out)
         return out
 
-    def rec_micro(rollout, old_logp, *args):
-        loss, metrics = micro_loss(rollout, old_logp, *args)
+    def rec_micro(rollout, old_logp, *args, **kwargs):
+        loss, metrics = micro_loss(rollout, old_logp, *args, **kwargs)
         calls.setdefault("micro", []).append((old_logp.clone(), metrics))
         return loss, metrics
 
