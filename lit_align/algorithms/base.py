@@ -116,17 +116,28 @@ class CausalLMModule(L.LightningModule):
         finally:
             self.model.train(was_training)
 
-    def lm_forward(self, batch: dict, model: torch.nn.Module | None = None) -> torch.Tensor:
-        """Logits ``[B, T, V]`` of ``model`` (default the policy); packed batches come without
-        attention mask, with position ids."""
+    def lm_forward(self, batch: dict, model: torch.nn.Module | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits ``[B, T, V]`` of ``model`` (default the policy), or of the last ``logits_to_keep``
+        positions only ``[B, K, V]`` (0: all); packed batches come without attention mask, with
+        position ids."""
         return (model or self.model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                          position_ids=batch.get("position_ids"), use_cache=False).logits
+                                     position_ids=batch.get("position_ids"), use_cache=False,
+                                     logits_to_keep=logits_to_keep).logits
 
     def shifted(self, batch: dict, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-token log-probs ``[B, T-1]`` of each next label under ``model`` (default the
-        policy), and the label mask ``[B, T-1]``."""
-        logits = self.lm_forward(batch, model)[:, :-1]
+        """Per-token log-probs ``[B, L]`` of each next label under ``model`` (default the
+        policy), and the label mask ``[B, L]``: the last ``L`` of the ``T - 1`` shifted positions,
+        from the first position of the batch with a label on (the prompts before it carry none).
+
+        Only those positions get logits (``logits_to_keep``): the LM head's ``[B, T, V]`` product
+        and its log-softmax are not computed over the prompts, which at a 32k-150k vocabulary
+        are most of a short model's compute and of its activation memory."""
         labels = batch["labels"][:, 1:]
+        labelled = (labels != IGNORE_INDEX).any(0)
+        first = int(labelled.int().argmax()) if bool(labelled.any()) else labels.shape[1] - 1
+        labels = labels[:, first:]
+        # logits at positions first .. T-2 predict labels first+1 .. T-1: the last L + 1 positions, minus the last
+        logits = self.lm_forward(batch, model, logits_to_keep=labels.shape[1] + 1)[:, :-1]
         return token_logprobs(logits, labels.clamp(min=0)), labels != IGNORE_INDEX
 
     def on_fit_start(self) -> None:

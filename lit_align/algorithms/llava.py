@@ -118,10 +118,11 @@ class LlavaMixin:
         """The reference: a frozen copy of the initial multimodal model (sharded by configure_model)."""
         return copy.deepcopy(self.model).eval().requires_grad_(False)
 
-    def lm_forward(self, batch: dict, model: torch.nn.Module | None = None) -> torch.Tensor:
+    def lm_forward(self, batch: dict, model: torch.nn.Module | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        # the image splice keeps the sequence length: the kept positions are the text's
         return (model or self.model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
                                      pixel_values=batch.get("pixel_values"), image_counts=batch.get("image_counts"),
-                                     use_cache=False).logits
+                                     use_cache=False, logits_to_keep=logits_to_keep).logits
 
     def generation_inputs(self, batch: dict) -> dict:
         counts = batch.get("prompt_image_counts")

@@ -136,3 +136,30 @@ def test_sft_learns_two_digit_addition(tmp_path):
     after = trainer.callback_metrics["val/exact_match"].item()
     assert before < 0.05
     assert after >= 0.9, after
+
+
+def test_logits_only_from_the_first_labelled_position_and_the_same_log_probs():
+    """``shifted`` asks the LM head for the positions from the batch's first label on only; the
+    log-probs there equal those of the full ``[B, T, V]`` logits, and the prompt positions
+    before it (labelled nowhere in the batch) are simply not part of the result."""
+    from lit_align.losses import token_logprobs
+
+    m = SFT(model=CausalLMSpec(config=tiny_config(), seed=0))
+    m.configure_model()
+    torch.manual_seed(0)
+    ids = torch.randint(3, 200, (3, 12))
+    labels = ids.clone()
+    labels[0, :5], labels[1, :7], labels[2, :9] = -100, -100, -100  # prompts of 5, 7, 9 tokens
+    labels[1, 10:] = -100  # right padding
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    kept = []
+    forward = m.model.forward
+    m.model.forward = lambda *a, **kw: kept.append(kw["logits_to_keep"]) or forward(*a, **kw)
+    logp, mask = m.shifted(batch)
+    assert kept == [12 - 5 + 1] and logp.shape == mask.shape == (3, 12 - 5)  # from the 5-token prompt's end
+    del m.model.forward
+    full = m.model(input_ids=ids).logits[:, :-1]
+    full_logp = token_logprobs(full, labels[:, 1:].clamp(min=0))
+    full_mask = labels[:, 1:] != -100
+    assert int(full_mask[:, :4].sum()) == 0 and torch.equal(mask, full_mask[:, 4:])
+    torch.testing.assert_close(logp * mask, (full_logp * full_mask)[:, 4:], rtol=0, atol=1e-6)
