@@ -417,7 +417,7 @@ def trl_available(trl_ppo_path: str | None) -> dict[str, str | None]:
             "trl_ppo": version(trl_ppo_path) if trl_ppo_path else None}
 
 
-def cell(values: list[float], fmt: str = "{:.1f}") -> str:
+def cell(values: list[float], fmt: str = "{:.3g}") -> str:
     if not values:
         return "-"
     return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
