@@ -5,13 +5,14 @@ samples inside the training loop split into a few buckets.
     python benchmarks/profile_steps.py --method grpo --side lit --side trl
     python benchmarks/profile_steps.py --setting realistic --method sft --precision bf16-mixed
 
-Each stack sampled inside the training loop (Lightning's fit loop, TRL's ``_inner_training_loop``,
-the bare loop's ``run_bare``) is one bucket's: generation, logging (``self.log``, torchmetrics,
-TensorBoard, TRL's ``log``) and data (``torch.utils.data``) when any frame is theirs; otherwise
-the innermost frame that names a bucket decides: backward (autograd), optimizer (AdamW, gradient
-clipping, the non-finite check), forward (model, loss and log-prob math) or the rest (the
-trainers' own Python: loops, hooks, bookkeeping). The shares are of the sampled loop time,
-warm-up steps included: proportions, not throughput (``throughput.py`` gives that).
+Each stack sampled inside the training loop (Lightning's fit loop, TRL's ``_inner_training_loop``
+or TRL 1.12's ``PPOTrainer.train``, the bare loop's ``run_bare``) is one bucket's: generation,
+logging (``self.log``, torchmetrics, TensorBoard, TRL's ``log``) and data (``torch.utils.data``)
+when any frame is theirs; otherwise the innermost frame that names a bucket decides: backward
+(autograd), optimizer (AdamW, gradient clipping, the non-finite check), forward (model, loss and
+log-prob math) or the rest (the trainers' own Python: loops, hooks, bookkeeping). The shares are
+of the sampled loop time, warm-up steps included: proportions, not throughput (``throughput.py``
+gives that).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ sys.path.insert(0, HERE)
 
 import throughput  # noqa: E402  (the benchmark's shapes and runs)
 
-LOOPS = ("fit_loop.py", "_inner_training_loop", "run_bare")
+LOOPS = ("fit_loop.py", "_inner_training_loop", "PPOTrainer.train (", "run_bare")
 # any frame: the whole call is that bucket's (a forward inside generate is generation)
 REGIONS = (
     ("generation", ("transformers/generation/", "vllm/")),
