@@ -249,7 +249,9 @@ def run_trl(method: str, s: Shapes, root: str, precision: str, clock: Clock) -> 
     common = {"output_dir": os.path.join(root, "scratch", "trl"), "learning_rate": LR, "weight_decay": 0.0,
               "lr_scheduler_type": "constant", "warmup_steps": 0, "max_grad_norm": 1.0, "max_steps": steps,
               "logging_steps": 10, "save_strategy": "no", "report_to": "none", "bf16": precision == "bf16-mixed",
-              "use_cpu": True, "seed": 0, "dataloader_num_workers": 0, "disable_tqdm": True}
+              "use_cpu": True, "seed": 0, "dataloader_num_workers": 0, "disable_tqdm": True,
+              # TRL's configs turn activation checkpointing on by default: off, as on the other sides
+              "gradient_checkpointing": False}
     if method == "sft":
         from trl import SFTConfig, SFTTrainer
 
