@@ -21,6 +21,7 @@ import argparse
 import collections
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,9 +79,12 @@ def profile(job: dict, rate: int, trl_ppo_path: str | None) -> dict[str, float]:
     if job["side"] == "trl" and job["method"] == "ppo" and trl_ppo_path:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (trl_ppo_path, env.get("PYTHONPATH")) if p)
     with tempfile.NamedTemporaryFile(suffix=".txt") as out:
-        subprocess.run(["py-spy", "record", "--format", "raw", "--rate", str(rate), "--nonblocking", "-o", out.name,
-                        "--", sys.executable, os.path.join(HERE, "throughput.py"), "--worker", json.dumps(job)],
-                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        run = subprocess.run(["py-spy", "record", "--format", "raw", "--rate", str(rate), "--nonblocking", "-o",
+                              out.name, "--", sys.executable, os.path.join(HERE, "throughput.py"), "--worker",
+                              json.dumps(job)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if run.returncode:
+            raise RuntimeError(f"profiling {job['method']} on the {job['side']} side failed (exit {run.returncode}):\n"
+                               + "\n".join(run.stderr.splitlines()[-15:]))
         return shares(open(out.name).read())
 
 
@@ -94,6 +98,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--cache", default=os.path.join(throughput.REPO, "logs", "benchmarks", "throughput"))
     parser.add_argument("--trl-ppo-path", default=os.environ.get("TRL_PPO_PATH"))
     args = parser.parse_args(argv)
+    if shutil.which("py-spy") is None:
+        parser.error("py-spy is not on PATH: pip install py-spy")
     throughput.prepare(args.setting, args.cache)
     names = NAMES
     lines = ["| method | side | " + " | ".join(names) + " |", "| --- | --- |" + " --- |" * len(names)]

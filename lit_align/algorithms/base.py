@@ -133,8 +133,9 @@ class CausalLMModule(L.LightningModule):
         and its log-softmax are not computed over the prompts, which at a 32k-150k vocabulary
         are most of a short model's compute and of its activation memory."""
         labels = batch["labels"][:, 1:]
-        labelled = (labels != IGNORE_INDEX).any(0)
-        first = int(labelled.int().argmax()) if bool(labelled.any()) else labels.shape[1] - 1
+        # one host sync: argmax of an all-false row is 0, which keeps every position (a batch with
+        # no labels has an all-zero mask either way)
+        first = int((labels != IGNORE_INDEX).any(0).int().argmax())
         labels = labels[:, first:]
         # logits at positions first .. T-2 predict labels first+1 .. T-1: the last L + 1 positions, minus the last
         logits = self.lm_forward(batch, model, logits_to_keep=labels.shape[1] + 1)[:, :-1]
