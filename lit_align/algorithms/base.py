@@ -24,8 +24,9 @@ from lit_align.data.encode import IGNORE_INDEX
 from lit_align.distributed import is_sharded
 from lit_align.evaluation import ExactMatch, GroupedExactMatch
 from lit_align.losses import token_logprobs
-from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, is_peft, load_tokenizer, merged_copy
-from lit_align.models.causal_lm import decoder_layer_classes
+from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, load_tokenizer
+from lit_align.models.causal_lm import check_shardable, decoder_layer_classes, model_skeleton
+from lit_align.models.lora import check_targets, find_peft
 from lit_align.models.tokenizer import end_of_turn_ids
 from lit_align.rollout import SamplingParams, decode_completions, default_stop_ids, hf_generate
 
@@ -58,6 +59,8 @@ class CausalLMModule(L.LightningModule):
         self.num_logged_samples = num_logged_samples
         self.lora = lora
         self.tokenizer = load_tokenizer(model)
+        if lora is not None:  # from the config alone: a wrong target fails before weights load
+            check_targets(lora, model_skeleton(model, self.tokenizer), f"{type(self).__name__}.lora.target_modules")
         self.model = None
         self.val_exact_match = ExactMatch()
         self.test_exact_match = ExactMatch()
@@ -84,7 +87,7 @@ class CausalLMModule(L.LightningModule):
         from torch.distributed.fsdp import fully_shard
 
         dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
-        layers = decoder_layer_classes(model)
+        layers = decoder_layer_classes(model, self.spec.decoder_layer_classes)
         for module in model.modules():
             if type(module) in layers:
                 fully_shard(module, mesh=dp_mesh)
@@ -106,12 +109,13 @@ class CausalLMModule(L.LightningModule):
     def adapters_disabled(self):
         """The LoRA policy with its adapters off and in eval mode: the frozen base, used as the
         reference without holding a second copy of the weights."""
-        if not is_peft(self.model):
+        peft = find_peft(self.model)
+        if peft is None:
             raise RuntimeError("adapters_disabled: the policy has no LoRA adapters")
         was_training = self.model.training
         self.model.eval()
         try:
-            with self.model.disable_adapter():
+            with peft.disable_adapter():
                 yield self.model
         finally:
             self.model.train(was_training)
@@ -226,6 +230,10 @@ class CausalLMModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._stops = None  # the data module (and whether it renders chat) may differ per stage
+        if getattr(self, "device_mesh", None) is not None and self.model is None:
+            # FSDP2 (ModelParallelStrategy) shards per decoder layer: a family without known layer
+            # classes fails here, from its config, before configure_model loads any weights
+            check_shardable(self.spec, model_skeleton(self.spec, self.tokenizer), f"{type(self).__name__}.model")
 
     def generation_inputs(self, batch: dict) -> dict:
         """Extra inputs of ``generate`` for a held-out batch (a multimodal model's images)."""
@@ -376,13 +384,39 @@ class CausalLMModule(L.LightningModule):
             return None
         return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    def export_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """The weights the HF export writes, in the names of the exported model: a LoRA policy's
+        merged weights (``W + alpha / r * B A``, see :func:`~lit_align.rollout.weights.policy_weights`),
+        or the gathered shards, each on CPU; ``None`` when the module's own plain weights are it.
+        Collective under FSDP2: every rank calls it."""
+        from lit_align.rollout.weights import policy_weights
+
+        if find_peft(self.model) is None:
+            return self.gathered_state_dict()
+        # one gathered tensor at a time: rank 0 keeps the merged copy, the others drop theirs
+        state = {}
+        for name, tensor in policy_weights(self.model):
+            if self.global_rank == 0:
+                state[name] = tensor.detach().cpu().clone()
+        return state
+
     def export_hf(self, directory: str) -> None:
         """Save the model and tokenizer with ``save_pretrained`` (gathers sharded weights).
 
-        Collective under sharding: every rank calls it, rank 0 writes."""
-        state = self.gathered_state_dict()
+        A LoRA policy exports its merged weights (a plain HF model), or with ``lora.export:
+        adapter`` the adapter alone (peft's ``adapter_config.json`` + ``adapter_model.safetensors``,
+        applied to the base with ``peft.PeftModel.from_pretrained``). Collective under sharding:
+        every rank calls it, rank 0 writes."""
+        peft = find_peft(self.model)
+        if peft is not None and self.lora.export == "adapter":
+            state = self.gathered_state_dict()  # peft picks the adapter's entries out of the full state
+            if self.global_rank == 0:
+                os.makedirs(directory, exist_ok=True)
+                peft.save_pretrained(directory, state_dict=state)
+                self.tokenizer.save_pretrained(directory)
+            return
+        state = self.export_state_dict()
         if self.global_rank == 0:
             os.makedirs(directory, exist_ok=True)
-            # adapters are folded into the weights: the export loads as a plain HF model
-            merged_copy(self.model).save_pretrained(directory, state_dict=state)
+            (peft.get_base_model() if peft is not None else self.model).save_pretrained(directory, state_dict=state)
             self.tokenizer.save_pretrained(directory)

@@ -12,7 +12,7 @@ import torch
 from lit_align.algorithms.dpo import DPO
 from lit_align.algorithms.optim import OptimSpec
 from lit_align.algorithms.sft import SFT
-from lit_align.models import CausalLMSpec, build_causal_lm
+from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, is_peft
 from lit_align.models.llava import (
     CONFIG_FILE,
     LM_DIR,
@@ -63,6 +63,12 @@ class LlavaMixin:
     def _init_llava(self, vision_tower: VisionTowerSpec, projector: str, init_from: str | None,
                     freeze_projector: bool, freeze_language_model: bool) -> None:
         build_projector(projector, 1, 1)  # validates the kind now
+        if self.lora is not None and freeze_language_model:
+            raise ValueError(f"{type(self).__name__}: lora adapts the language model, which freeze_language_model "
+                             "freezes; drop one of them")
+        if self.lora is not None and self.lora.export == "adapter":
+            raise ValueError(f"{type(self).__name__}.lora.export: 'adapter' is not available for LLaVA exports "
+                             "(projector and tower are trained or stored beside the LM); use 'merged'")
         if freeze_projector and freeze_language_model and vision_tower.freeze:
             raise ValueError(f"{type(self).__name__}: vision tower, projector and language model are all frozen: "
                              "nothing to train")
@@ -88,6 +94,8 @@ class LlavaMixin:
             tower.load_state_dict(load_file(os.path.join(self.init_from, VISION_FILE)), strict=True)
             projector.load_state_dict(load_file(os.path.join(self.init_from, PROJECTOR_FILE)), strict=True)
         lm.requires_grad_(not self.freeze_language_model)
+        if self.lora is not None:  # adapters on the LM only (peft freezes its base); projector trained in full
+            lm = apply_lora(lm, self.lora)
         projector.requires_grad_(not self.freeze_projector)
         return LlavaModel(tower, projector, lm, self.image_token_id)
 
@@ -134,8 +142,17 @@ class LlavaMixin:
     def export_hf(self, directory: str) -> None:
         """``language_model/`` (HF format, with the tokenizer), ``projector.safetensors``,
         ``vision_tower.safetensors`` and ``llava_config.json`` (see :func:`~lit_align.models.llava.save_llava`);
-        full weights gathered from the shards under FSDP2 (collective), written by rank 0."""
+        full weights gathered from the shards under FSDP2 (collective), LoRA adapters merged into
+        the language model; written by rank 0."""
+        from lit_align.rollout.weights import policy_weights
+
         state = self.gathered_state_dict()  # collective under FSDP2: every rank calls it
+        if is_peft(self.model.language_model):
+            # tower and projector as stored (buffers included); the LM's merged weights under its own names
+            own = state if state is not None else self.model.state_dict()
+            state = {k: v for k, v in own.items() if not k.startswith("language_model.")}
+            for name, tensor in policy_weights(self.model.language_model):  # collective, one at a time
+                state["language_model." + name] = tensor.detach().cpu()
         if self.global_rank == 0:
             save_llava(self.model, directory, self.tokenizer, self.tower_spec, self.projector_kind, state_dict=state)
 
@@ -157,6 +174,8 @@ class LLaVA(LlavaMixin, SFT):
         init_from: an earlier stage's export directory (``checkpoints/<name>/hf``): tower,
             projector and language model weights are loaded from it.
         freeze_projector, freeze_language_model: train flags (the tower's is ``vision_tower.freeze``).
+        lora: LoRA adapters on the language model (:class:`~lit_align.models.LoraSpec`); the
+            projector is still trained in full (unless frozen); the export merges the adapters.
         optim, eval_max_new_tokens, num_logged_samples: as in :class:`~lit_align.SFT`.
 
     Batches come from :class:`~lit_align.ImageInstructionDataModule`: ``input_ids``, ``labels``,
@@ -167,10 +186,10 @@ class LLaVA(LlavaMixin, SFT):
     def __init__(self, *, model: CausalLMSpec | None = None, vision_tower: VisionTowerSpec | None = None,
                  projector: str | None = None, init_from: str | None = None, freeze_projector: bool = False,
                  freeze_language_model: bool = False, optim: OptimSpec | None = None, eval_max_new_tokens: int = 16,
-                 num_logged_samples: int = 4):
+                 num_logged_samples: int = 4, lora: LoraSpec | None = None):
         model, vision_tower, projector = _resolve(model, vision_tower, projector, init_from)
         super().__init__(model=model, optim=optim, eval_max_new_tokens=eval_max_new_tokens,
-                         num_logged_samples=num_logged_samples)
+                         num_logged_samples=num_logged_samples, lora=lora)
         self._init_llava(vision_tower, projector, init_from, freeze_projector, freeze_language_model)
         self.save_hyperparameters()
 
@@ -182,7 +201,9 @@ class LLaVADPO(LlavaMixin, DPO):
 
     Args: ``model``, ``vision_tower``, ``projector``, ``init_from``, ``freeze_projector``,
     ``freeze_language_model`` as in :class:`LLaVA`; ``beta``, ``loss_type``, ``label_smoothing``,
-    ``sft_weight``, ``optim`` as in :class:`~lit_align.DPO`.
+    ``sft_weight``, ``optim`` as in :class:`~lit_align.DPO`; ``lora`` as in :class:`LLaVA`, the
+    reference then being the model with its adapters disabled, which is the initial model only
+    when projector and tower are frozen (both are required then).
 
     Batches come from :class:`~lit_align.ImageInstructionDataModule` with ``kind: preference``:
     ``[2B, T]`` chosen rows then rejected rows, the images repeated in the same row order.
@@ -192,11 +213,15 @@ class LLaVADPO(LlavaMixin, DPO):
                  projector: str | None = None, init_from: str | None = None, freeze_projector: bool = False,
                  freeze_language_model: bool = False, optim: OptimSpec | None = None, beta: float = 0.1,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, sft_weight: float = 0.0,
-                 eval_max_new_tokens: int = 16, num_logged_samples: int = 4):
+                 eval_max_new_tokens: int = 16, num_logged_samples: int = 4, lora: LoraSpec | None = None):
         model, vision_tower, projector = _resolve(model, vision_tower, projector, init_from)
+        if lora is not None and not (freeze_projector and vision_tower.freeze):
+            raise ValueError("LLaVADPO: with lora the reference is the model with its adapters disabled, which "
+                             "equals the initial model only if nothing else trains; set freeze_projector: true "
+                             "and vision_tower.freeze: true, or drop lora (the reference is then a frozen copy)")
         super().__init__(model=model, optim=optim, beta=beta, loss_type=loss_type, label_smoothing=label_smoothing,
                          sft_weight=sft_weight, eval_max_new_tokens=eval_max_new_tokens,
-                         num_logged_samples=num_logged_samples)
+                         num_logged_samples=num_logged_samples, lora=lora)
         self._init_llava(vision_tower, projector, init_from, freeze_projector, freeze_language_model)
         # a live reference only (precomputed log-probs would need the images stored with the pairs)
         self.save_hyperparameters()

@@ -17,7 +17,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from lit_align.models import CausalLMSpec, is_peft
+from lit_align.models import CausalLMSpec
+from lit_align.models.lora import find_peft
 
 SOURCES = ("copy", "adapters", "precomputed")
 
@@ -53,7 +54,8 @@ class Reference(torch.nn.Module):
     @contextmanager
     def policy(self, owner) -> Iterator[torch.nn.Module]:
         """The model to score the reference with, in eval mode, without gradients."""
-        if self.source == "adapters" or (self.source == "precomputed" and self.model is None and is_peft(owner.model)):
+        adapters_off = self.source == "precomputed" and self.model is None and find_peft(owner.model) is not None
+        if self.source == "adapters" or adapters_off:
             context = owner.adapters_disabled()
         elif self.model is not None:
             context = nullcontext(self.model)
@@ -80,7 +82,7 @@ class Reference(torch.nn.Module):
         todo = {s: rows for s, rows in splits.items() if s not in self.tables and rows}
         if not todo:
             return
-        temporary = self.model is None and not is_peft(owner.model)
+        temporary = self.model is None and find_peft(owner.model) is None
         if temporary:
             self.model = owner.build_frozen(self.spec)
         try:

@@ -10,7 +10,7 @@ from torchmetrics import MeanMetric
 from lit_align.algorithms.base import CausalLMModule
 from lit_align.algorithms.optim import OptimSpec
 from lit_align.losses import bradley_terry_loss
-from lit_align.models import CausalLMSpec, disable_dropout
+from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, disable_dropout
 from lit_align.models.reward import build_reward_model, sequence_scores
 
 PAIR_METRICS = ("loss", "accuracy", "margin", "chosen_score", "rejected_score")
@@ -47,18 +47,23 @@ class RewardModel(CausalLMModule):
         num_logged_samples: pairs written to TensorBoard as text, with their scores, at each validation.
         disable_dropout: set the model's dropout to 0 (as TRL does): the two sides of a pair are then
             scored by the same function.
+        lora: train low-rank adapters on the backbone (:class:`~lit_align.models.LoraSpec`); the
+            scalar head is trained in full (peft's sequence-classification task keeps ``score``
+            in ``modules_to_save``).
     """
 
     monitor = ("val/accuracy", "max")  # a reward model does not generate
 
     def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, center_coef: float = 0.0,
-                 use_margin: bool = True, num_logged_samples: int = 4, disable_dropout: bool = True):
+                 use_margin: bool = True, num_logged_samples: int = 4, disable_dropout: bool = True,
+                 lora: LoraSpec | None = None):
         if center_coef < 0:
             raise ValueError(f"RewardModel.center_coef: {center_coef} must be >= 0")
         if num_logged_samples < 0:
             raise ValueError(f"RewardModel.num_logged_samples: {num_logged_samples} must be >= 0")
         # No greedy exact match: a reward model does not generate (eval_max_new_tokens=0).
-        super().__init__(model=model, optim=optim, eval_max_new_tokens=0, num_logged_samples=num_logged_samples)
+        super().__init__(model=model, optim=optim, eval_max_new_tokens=0, num_logged_samples=num_logged_samples,
+                         lora=lora)
         # The spec in the checkpoint is what load_reward_model rebuilds the model from.
         self.save_hyperparameters()
         self.center_coef = center_coef
@@ -75,6 +80,8 @@ class RewardModel(CausalLMModule):
             # switch to eval for validation; dropout off unless asked (as TRL's RewardTrainer)
             if self.disable_dropout:
                 disable_dropout(self.model)
+            if self.lora is not None:
+                self.model = apply_lora(self.model, self.lora, task_type="SEQ_CLS")
             self.model = self.shard(self.model.train())
 
     def score_generations(self, batch: dict, stage: str, batch_idx: int) -> None:

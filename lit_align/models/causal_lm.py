@@ -30,6 +30,9 @@ class CausalLMSpec:
             trainer's ``precision`` setting; this is the storage dtype).
         attn_implementation: ``sdpa``, ``eager``, ``flash_attention_2`` ...
         gradient_checkpointing: recompute activations in the backward pass to save memory.
+        decoder_layer_classes: class names of the transformer blocks, the units FSDP2 shards
+            the model by; default the model's ``_no_split_modules`` (set it for a family that
+            does not declare them).
         trust_remote_code: passed to ``from_pretrained``.
         seed: seed of the random initialisation when ``config`` is used, so every rank
             and every run builds the same weights.
@@ -41,6 +44,7 @@ class CausalLMSpec:
     dtype: str = "float32"
     attn_implementation: str | None = "sdpa"
     gradient_checkpointing: bool = False
+    decoder_layer_classes: list[str] | None = None
     trust_remote_code: bool = False
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -115,6 +119,16 @@ def build_hf_model(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase, auto_
     return model
 
 
+def model_skeleton(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase,
+                   auto_class=AutoModelForCausalLM) -> PreTrainedModel:
+    """The module tree of ``spec`` on the meta device: its config is read (``config.json``, or
+    the inline config), no weights are loaded or allocated. For checks that must fail before a
+    model of billions of parameters is built: LoRA targets, FSDP2 wrap units."""
+    config = build_hf_config(spec, tokenizer)
+    with torch.device("meta"):
+        return auto_class.from_config(config, trust_remote_code=spec.trust_remote_code)
+
+
 def build_causal_lm(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase, strict: bool = False) -> PreTrainedModel:
     """Instantiate the causal LM described by ``spec`` (weights loaded or freshly initialised;
     ``strict``: see :func:`build_hf_model`)."""
@@ -125,13 +139,33 @@ def load_tokenizer(spec: CausalLMSpec, padding_side: str = "right") -> PreTraine
     return build_tokenizer(spec.tokenizer_name, padding_side=padding_side, trust_remote_code=spec.trust_remote_code)
 
 
-def decoder_layer_classes(model: torch.nn.Module) -> set[type]:
-    """Classes of the transformer blocks (used as FSDP wrap units): the ``_no_split_modules``
-    of the model and of every model inside it (a LLaVA model's language model)."""
-    names = set()
-    for m in model.modules():
-        names |= set(getattr(m, "_no_split_modules", None) or [])
-    return {type(m) for m in model.modules() if type(m).__name__ in names}
+def decoder_layer_classes(model: torch.nn.Module, names: list[str] | None = None) -> set[type]:
+    """Classes of the transformer blocks (used as FSDP wrap units): the classes ``names`` (class
+    names), by default the ``_no_split_modules`` of the model and of every model inside it (a
+    LLaVA model's language model)."""
+    if names is None:
+        names = set()
+        for m in model.modules():
+            names |= set(getattr(m, "_no_split_modules", None) or [])
+    return {type(m) for m in model.modules() if type(m).__name__ in set(names)}
+
+
+def check_shardable(spec: CausalLMSpec, skeleton: torch.nn.Module, source: str = "model") -> None:
+    """Raise ``ValueError`` when FSDP2 would find no decoder layer to shard ``skeleton`` by (a
+    model family whose ``_no_split_modules`` is empty or names classes it lacks, or a
+    ``decoder_layer_classes`` setting naming none of its classes): sharding only the root would
+    gather the whole model on every rank at every forward."""
+    if decoder_layer_classes(skeleton, spec.decoder_layer_classes):
+        return
+    # the blocks of a transformer are the elements of its longest list of same-class modules
+    stacks = [m for m in skeleton.modules() if isinstance(m, torch.nn.ModuleList) and len(m)
+              and len({type(c) for c in m}) == 1]
+    blocks = type(max(stacks, key=len)[0]).__name__ if stacks else "MyDecoderLayer"
+    declared = sorted(getattr(skeleton, "_no_split_modules", None) or [])
+    given = (f"decoder_layer_classes {spec.decoder_layer_classes} match none of its classes"
+             if spec.decoder_layer_classes else f"its _no_split_modules ({declared}) name no class it has")
+    raise ValueError(f"{source}: FSDP2 shards per decoder layer, but for {type(skeleton).__name__} {given}; "
+                     f"name the transformer block class with {source}.decoder_layer_classes, e.g. [{blocks}]")
 
 
 def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:

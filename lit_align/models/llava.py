@@ -203,7 +203,8 @@ def save_llava(model: LlavaModel, directory: str, tokenizer: PreTrainedTokenizer
     - ``llava_config.json``: tower spec, projector kind, image token and id, dimensions.
 
     ``state_dict``: the model's full state dict when its own parameters are shards (FSDP2,
-    gathered by the caller); its ``language_model.``, ``projector.`` and ``vision_tower.`` parts
+    gathered by the caller) or its language model has LoRA adapters (merged weights under the
+    base model's names); its ``language_model.``, ``projector.`` and ``vision_tower.`` parts
     are written instead of the module's tensors.
 
     Returns ``directory``. Load with :func:`load_llava`.
@@ -219,7 +220,11 @@ def save_llava(model: LlavaModel, directory: str, tokenizer: PreTrainedTokenizer
         raise ValueError(f"save_llava: the tokenizer's {IMAGE_TOKEN!r} id is not the model's {model.image_token_id}")
     os.makedirs(directory, exist_ok=True)
     lm_dir = os.path.join(directory, LM_DIR)
-    language_model = merged_copy(model.language_model) if is_peft(model.language_model) else model.language_model
+    language_model = model.language_model
+    if is_peft(language_model):
+        # given merged weights (see CausalLMModule.export_state_dict), the base writes them under its
+        # config; otherwise a merged copy holds them
+        language_model = language_model.get_base_model() if state_dict is not None else merged_copy(language_model)
     def part(prefix: str, module: nn.Module) -> dict[str, torch.Tensor]:
         if state_dict is None:
             return _tensors(module)

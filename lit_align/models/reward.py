@@ -20,6 +20,7 @@ from transformers import (
 )
 
 from lit_align.models.causal_lm import _DTYPES, CausalLMSpec, build_hf_model
+from lit_align.models.lora import LoraSpec, apply_lora
 from lit_align.models.tokenizer import build_tokenizer
 
 
@@ -44,9 +45,10 @@ def build_reward_model(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase) -
 
 
 def reward_head(model: PreTrainedModel) -> torch.nn.Linear:
-    """The scalar head: ``score`` in decoder-only ``*ForSequenceClassification`` classes."""
+    """The scalar head: ``score`` in decoder-only ``*ForSequenceClassification`` classes (with
+    LoRA, peft's wrapper of it, whose forward is the trained copy's)."""
     head = getattr(model, "score", None)
-    if not isinstance(head, torch.nn.Linear):
+    if not isinstance(getattr(head, "original_module", head), torch.nn.Linear):
         raise ValueError(f"{type(model).__name__} has no linear `score` head; reward models need a decoder-only "
                          "*ForSequenceClassification class (llama, qwen2, mistral, gpt2, ...)")
     return head
@@ -179,12 +181,19 @@ def load_reward_model(path: str, dtype: str | None = None, padding_side: str = "
         tokenizer = build_tokenizer(tokenizer or spec.tokenizer_name, padding_side=padding_side,
                                     trust_remote_code=spec.trust_remote_code)
         model = build_reward_model(spec, tokenizer)
+        lora = hparams.get("lora")
+        if isinstance(lora, dict):
+            lora = LoraSpec(**lora)
+        if lora is not None:  # the checkpoint holds base + adapter weights under peft's names
+            model = apply_lora(model, lora, task_type="SEQ_CLS")
         # The LightningModule holds the HF model as `self.model`: its keys carry a "model." prefix.
         state = {k[len("model."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as e:  # e.g. a causal LM's lm_head where the scalar head should be
             raise not_rm from e
+        if lora is not None:
+            model = model.merge_and_unload()
     else:
         raise FileNotFoundError(f"load_reward_model: {path} is neither an HF export directory nor a .ckpt file")
     if dtype is not None:

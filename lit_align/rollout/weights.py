@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import torch
 
 from lit_align.models import is_peft
+from lit_align.models.lora import find_peft
 
 
 def _full(tensor: torch.Tensor) -> torch.Tensor:
@@ -63,6 +64,9 @@ def _merged_lora(module, prefix: str) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 def _walk(module: torch.nn.Module, prefix: str, lora) -> Iterator[tuple[str, torch.Tensor]]:
+    if lora is not None and is_peft(module):  # a peft model inside another (a LLaVA model's LM)
+        yield from _walk(module.base_model.model, prefix, lora)
+        return
     if lora is not None:
         lora_linear, lora_layer, to_save = lora
         if isinstance(module, lora_linear):
@@ -88,7 +92,8 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
 
     Lazy: each tensor is gathered when the consumer asks for it, so an engine that loads as it
     iterates never holds more than the layer it is loading. Collective under FSDP2: every rank
-    iterates the whole generator in step. A peft policy yields its merged weights (base +
+    iterates the whole generator in step. A peft policy (or a model holding one, such as a
+    LLaVA model whose language model has adapters) yields its merged weights (base +
     active adapters; ``modules_to_save`` copies in place of the originals) under the base
     model's names; the policy itself is not changed. Buffers are not included (an inference
     engine computes its own rotary tables and masks). A tied parameter comes under each of its
@@ -98,9 +103,6 @@ def policy_weights(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]
     Raises ``ValueError`` for FSDP (v1) and DeepSpeed ZeRO-3 parameters, and for adapters other
     than LoRA on linear layers."""
     _check_strategy(model)
-    lora = None
-    if is_peft(model):
-        lora = _lora_classes()
-        model = model.base_model.model
+    lora = _lora_classes() if find_peft(model) is not None else None
     with torch.no_grad():
         yield from _walk(model, "", lora)
