@@ -230,7 +230,16 @@ class CausalLMModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self._stops = None  # the data module (and whether it renders chat) may differ per stage
-        if getattr(self, "device_mesh", None) is not None and self.model is None:
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is not None and self.model is None:
+            names = mesh.mesh_dim_names or ()
+            if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
+                # the data layout, the step's loss normalisation and the rollouts count data-parallel
+                # replicas as ranks: tensor-parallel ranks would each be taken for one, silently
+                raise ValueError(f"{type(self).__name__}: ModelParallelStrategy tensor_parallel_size "
+                                 f"{mesh['tensor_parallel'].size()} is not supported (lit_align shards with FSDP2 "
+                                 "over data_parallel_size only); set tensor_parallel_size: 1 and "
+                                 "data_parallel_size to the number of devices")
             # FSDP2 (ModelParallelStrategy) shards per decoder layer: a family without known layer
             # classes fails here, from its config, before configure_model loads any weights
             check_shardable(self.spec, model_skeleton(self.spec, self.tokenizer), f"{type(self).__name__}.model")

@@ -12,7 +12,7 @@ from lit_align import PPO, SFT, InstructionDataModule, PreferenceDataModule, Rew
 from lit_align.algorithms.llava import LLaVA, LLaVADPO
 from lit_align.algorithms.policy_gradient import PolicyGradient
 from lit_align.models import CausalLMSpec, LoraSpec, build_causal_lm
-from lit_align.models.causal_lm import check_shardable, model_skeleton
+from lit_align.models.causal_lm import model_skeleton
 from lit_align.models.lora import check_targets
 from lit_align.models.tokenizer import build_tokenizer
 from lit_align.rewards import RewardSpec
@@ -182,34 +182,3 @@ def test_llava_dpo_lora_reference_is_the_initial_model(tmp_path):
         torch.testing.assert_close(module.lm_forward(batch, ref), start, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert (module.lm_forward(batch) - start).abs().max() > 1e-4
-
-
-def test_fsdp2_on_a_family_without_known_decoder_layers_names_the_setting(monkeypatch):
-    from transformers.models.llama import modeling_llama
-
-    tokenizer = build_tokenizer("byte")
-    skeleton = model_skeleton(LM["model"], tokenizer)
-    assert {p.device.type for p in skeleton.parameters()} == {"meta"}  # no weights were allocated
-    check_shardable(LM["model"], skeleton)  # llama declares LlamaDecoderLayer
-    # a family that declares none (transformers copies the class's list onto each instance at init)
-    monkeypatch.setattr(modeling_llama.LlamaPreTrainedModel, "_no_split_modules", [])
-    skeleton = model_skeleton(LM["model"], tokenizer)
-    with pytest.raises(ValueError, match=r"model: FSDP2 shards per decoder layer, but for LlamaForCausalLM its "
-                                         r"_no_split_modules \(\[\]\) name no class it has; name the transformer "
-                                         r"block class with model.decoder_layer_classes, e.g. \[LlamaDecoderLayer\]"):
-        check_shardable(LM["model"], skeleton)
-    spec = CausalLMSpec(config=tiny_config(), decoder_layer_classes=["LlamaDecoderLayer"])
-    check_shardable(spec, skeleton)  # the setting names the class: sharding can go on
-    with pytest.raises(ValueError, match=r"decoder_layer_classes \['Block'\] match none of its classes"):
-        check_shardable(CausalLMSpec(config=tiny_config(), decoder_layer_classes=["Block"]), skeleton)
-
-
-def test_module_setup_under_a_device_mesh_checks_the_decoder_layers(monkeypatch):
-    from transformers.models.llama import modeling_llama
-
-    module = SFT(model=CausalLMSpec(config=tiny_config()), eval_max_new_tokens=0)
-    monkeypatch.setattr(modeling_llama.LlamaPreTrainedModel, "_no_split_modules", [])
-    module._device_mesh = object()  # what ModelParallelStrategy sets before the setup hook
-    with pytest.raises(ValueError, match="SFT.model: FSDP2 shards per decoder layer"):
-        module.setup("fit")
-    assert module.model is None  # refused before configure_model built anything
