@@ -147,6 +147,10 @@ class OnlineRLModule(CausalLMModule):
         self.beta, self.kl_estimator = beta, resolved_kl
         self.reference = Reference(reference or model, "adapters" if lora is not None else "copy") if beta > 0 else None
         self.automatic_optimization = False
+        # completions and tokens generated so far over every rank, the ones dynamic sampling
+        # discards included: the generation budget a method spent (saved with checkpoints; int64,
+        # which precision plugins leave alone)
+        self.register_buffer("generated", torch.zeros(2, dtype=torch.int64))
 
     @property
     def ref_model(self) -> torch.nn.Module | None:
@@ -265,6 +269,8 @@ class OnlineRLModule(CausalLMModule):
         sampling = dataclasses.replace(self.sampling, n=self.num_generations, stop_token_ids=self.stop_ids())
         self.engine.update_weights(self.model)
         rollout = self.engine.generate(self.model, prompts, sampling)
+        counts = torch.stack([torch.tensor(len(rollout)), rollout.lengths.sum().cpu().long()]).to(self.generated.device)
+        self.generated += all_reduce(counts)  # every rank samples as often: collective in step
         total, parts = self.score(rollout)
         return rollout, total, parts
 
@@ -343,7 +349,8 @@ class OnlineRLModule(CausalLMModule):
     # -- logging ----------------------------------------------------------------------
     def rollout_metrics(self, rollout: RolloutBatch, total: torch.Tensor, parts: dict, gen_time: float,
                         train_time: float) -> dict[str, torch.Tensor]:
-        """Each reward's mean/std, accuracy (tasks with a checker), lengths, truncation, timing."""
+        """Each reward's mean/std, accuracy (tasks with a checker), lengths, truncation, timing, and
+        the completions and tokens generated since the run began (``generated/*``, every rank's)."""
         n = len(rollout)
         values = {"reward/mean": total.mean(), "reward/std": total.std() if n > 1 else total.new_tensor(0.0)}
         for name, v in parts.items():
@@ -360,6 +367,8 @@ class OnlineRLModule(CausalLMModule):
             "truncation_rate": rollout.truncated.float().mean(),
             "time/generation_s": torch.tensor(gen_time), "time/training_s": torch.tensor(train_time),
             "time/generation_frac": torch.tensor(gen_time / max(gen_time + train_time, 1e-9)),
+            # cumulative, all ranks: plot a metric against the generation budget, not only steps
+            "generated/completions": self.generated[0].double(), "generated/tokens": self.generated[1].double(),
         })
         return values
 

@@ -594,6 +594,22 @@ def _dynamic_fit(tmp_path, rounds):
     return trainer, calls["collect"][0], groups.std(-1) > 0, [r.num_groups for r, _ in sampled]
 
 
+def test_generation_budget_counts_every_sampled_completion(tmp_path):
+    """``train/generated/*``: completions and tokens sampled since the run began, the groups
+    dynamic sampling drops included (its extra rounds are what it spends), kept in checkpoints."""
+    m = _module(dynamic_sampling=True, max_generation_rounds=8, rewards=[PARITY])
+    sampled = _record_samples(m)
+    trainer = _trainer(tmp_path, max_steps=2)
+    trainer.fit(m, datamodule=_data(prompts=6, train_size=40))
+    completions = sum(len(r) for r, _ in sampled)
+    tokens = sum(int(r.lengths.sum()) for r, _ in sampled)
+    assert len(sampled) > 2 and completions > 2 * 6 * G  # extra rounds ran: more than the 2 batches' rows
+    assert m.generated.tolist() == [completions, tokens]
+    assert trainer.callback_metrics["train/generated/completions"] == completions
+    assert trainer.callback_metrics["train/generated/tokens"] == tokens
+    assert torch.equal(m.state_dict()["generated"], m.generated)
+
+
 class GradAtStep(L.Callback):
     """The flat gradient the optimizer steps on (after any clipping), at each optimizer step."""
 
