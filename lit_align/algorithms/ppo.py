@@ -76,8 +76,9 @@ class PPO(OnlineRLModule):
     (:func:`~lit_align.losses.value_loss`) with their own optimizers, schedules and clipping.
     ``trainer.max_steps`` counts optimizer steps of both (two per mini-batch).
 
-    Under data parallelism each rank whitens its advantages over its own rollout's valid tokens
-    (the mean and variance are not all-reduced, as in TRL), so ranks use different statistics.
+    Under data parallelism the advantages are whitened with the mean and variance of every rank's
+    valid tokens (all-reduced; verl whitens its whole batch in one place, TRL each rank's own), so a
+    step on 2 ranks equals one process holding both ranks' rollouts.
 
     Args:
         model: the actor (usually an SFT checkpoint's HF export).
@@ -95,8 +96,8 @@ class PPO(OnlineRLModule):
         adaptive_kl: adapt ``beta`` towards a target KL (:class:`AdaptiveKL`); ``None``: fixed.
         missing_eos_penalty: subtracted from the score of completions with no EOS.
         gamma, lam: GAE discount and lambda.
-        whiten_advantages: normalise advantages to zero mean, unit variance over valid tokens
-            (the rank's own rollout rows; no all-reduce under data parallelism).
+        whiten_advantages: normalise advantages to zero mean, unit variance over the valid tokens
+            of the rollouts of every rank.
         clip_range: policy ratio clip epsilon.
         clip_range_value: value clip (``None``: unclipped value loss).
         vf_coef: value loss weight.
@@ -230,7 +231,8 @@ class PPO(OnlineRLModule):
         rewards, non_score = kl_shaped_rewards(scores, kl, mask, float(self.kl_coef))
         advantages, returns = gae(rewards, values, mask, self.gamma, self.lam)
         if self.whiten_advantages:
-            advantages = masked_whiten(advantages, mask)
+            # statistics of the whole step's batch: per-rank ones would change the update with the layout
+            advantages = masked_whiten(advantages, mask, reduce=all_reduce)
         return {"rewards": rewards, "non_score": non_score, "kl": kl, "advantages": advantages, "returns": returns}
 
     def training_step(self, batch: dict, batch_idx: int) -> None:

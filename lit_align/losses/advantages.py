@@ -106,12 +106,19 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, (advantages + values) * mask
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """Normalise ``x`` to zero mean and unit variance over the valid tokens of ``mask`` (PPO advantage whitening)."""
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Normalise ``x`` to zero mean and unit variance over the valid tokens of ``mask`` (PPO advantage whitening).
+
+    ``reduce`` sums a tensor over the data-parallel ranks (an all-reduce; ``None``: this batch
+    alone). With it, the mean and the variance are those of every rank's valid tokens, as one
+    process holding the whole batch computes them, so each rank's ``x`` is whitened by the same
+    statistics."""
+    reduce = reduce or (lambda t: t)
     mask = mask.to(x.dtype)
-    n = mask.sum().clamp(min=1.0)
-    mean = (x * mask).sum() / n
-    var = ((x - mean).square() * mask).sum() / n
+    n = reduce(mask.sum()).clamp(min=1.0)
+    mean = reduce((x * mask).sum()) / n
+    var = reduce(((x - mean).square() * mask).sum()) / n
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

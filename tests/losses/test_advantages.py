@@ -162,3 +162,34 @@ def test_masked_whiten_keep_mean():
     out = masked_whiten(x, torch.tensor([[1, 1, 1, 0]]), shift_mean=False)
     s = math.sqrt(2 / 3)  # mean 2, variance 2/3
     assert out[0].tolist() == pytest.approx([-1 / s + 2, 2.0, 1 / s + 2, 0.0], abs=1e-5)
+
+
+def test_masked_whiten_over_ranks_uses_the_whole_batch_statistics():
+    """Two "ranks" (threads) whose ``reduce`` sums each value over both, as an all-reduce does:
+    each whitens its rows by the mean and variance of all valid tokens, so the two halves put
+    together equal whitening the whole batch in one process (and differ from whitening each alone)."""
+    import threading
+
+    x = torch.tensor([[1.0, 2.0, 3.0, 100.0], [4.0, 9.0, -50.0, 0.0], [-3.0, 7.0, 6.0, 5.0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    halves = [(x[:1], mask[:1]), (x[1:], mask[1:])]
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def rank(r):
+        def reduce(t):
+            slots[r] = t
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()  # both have read the slots before either writes the next value
+            return total
+
+        out[r] = masked_whiten(*halves[r], reduce=reduce)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    torch.testing.assert_close(torch.cat(out), masked_whiten(x, mask))
+    alone = torch.cat([masked_whiten(*h) for h in halves])
+    assert (alone - masked_whiten(x, mask)).abs().max() > 0.1
