@@ -107,3 +107,110 @@ def test_entropy_with_temperature_and_bfloat16():
     logits = torch.tensor([[[1.0, 2.0, 3.0, 4.0]]], dtype=torch.bfloat16)
     out = token_entropy(logits, temperature=2.0)
     assert out.item() == pytest.approx(_hand_entropy([0.5, 1.0, 1.5, 2.0]), abs=1e-5)
+
+
+def _reference_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    logp = torch.log_softmax(logits.float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def _inputs(dtype, B=3, T=5, V=13, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(B, T, V, generator=g)).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100  # masked positions, read as id 0
+    labels[-1, -1] = -100
+    weights = torch.randn(B, T, generator=g)
+    return logits, labels, weights
+
+
+def _grads(fn, base, weights):
+    x = base.clone().requires_grad_(True)
+    out = fn(x)
+    (out * weights).sum().backward()
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 1024])  # N = 15: 4 and 7 leave a partial last chunk
+def test_values_and_gradients_equal_the_log_softmax_reference(dtype, chunk_size):
+    logits, labels, weights = _inputs(dtype)
+    t = 0.7
+    out, grad = _grads(lambda x: token_logprobs(x, labels, temperature=t, chunk_size=chunk_size), logits, weights)
+    ref, ref_grad = _grads(lambda x: _reference(x, labels, temperature=t), logits, weights)
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)  # masked rows included: log p(id 0)
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
+    else:  # both are the float32 gradient rounded to bf16: equal up to one rounding step
+        torch.testing.assert_close(grad.float(), ref_grad.float(), atol=1e-3, rtol=8e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_entropy_values_and_gradients_equal_the_log_softmax_reference(dtype):
+    logits, _, weights = _inputs(dtype)
+    out, grad = _grads(lambda x: token_entropy(x, temperature=1.3, chunk_size=4), logits, weights)
+    ref, ref_grad = _grads(lambda x: _reference_entropy(x, temperature=1.3), logits, weights)
+    assert out.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-3, rtol=8e-3)
+    torch.testing.assert_close(grad.float(), ref_grad.float(), **tol)
+
+
+def test_non_contiguous_logits_slice():
+    # the callers pass out.logits[:, :-1]: a view that cannot be flattened without a copy
+    logits, labels, weights = _inputs(torch.float32, T=6)
+    full = torch.cat([logits, logits[:, :1]], dim=1)
+    view = full[:, :-1]
+    assert not view.is_contiguous()
+    out, grad = _grads(lambda x: token_logprobs(x[:, :-1], labels, temperature=0.9, chunk_size=4), full, weights)
+    ref, ref_grad = _grads(lambda x: _reference(x[:, :-1], labels, temperature=0.9), full, weights)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
+    out, grad = _grads(lambda x: token_entropy(x[:, :-1], chunk_size=4), full, weights)
+    ref, ref_grad = _grads(lambda x: _reference_entropy(x[:, :-1]), full, weights)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, atol=1e-6, rtol=1e-5)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 3, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([[0, 4, -100], [2, 2, 1]])
+    assert token_logprobs(logits, labels).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda x: token_logprobs(x, labels, temperature=0.7, chunk_size=4), (logits,))
+    assert torch.autograd.gradcheck(lambda x: token_entropy(x, temperature=0.7, chunk_size=4), (logits,))
+
+
+def _saved_for_backward(fn, x):
+    """(numel, dtype) of every tensor autograd saves while ``fn(x)`` runs, and the output."""
+    saved = []
+
+    def pack(t):
+        saved.append((t.numel(), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn(x)
+    return saved, out
+
+
+@pytest.mark.parametrize("fn", ["logprobs", "entropy"])
+def test_bf16_backward_saves_no_float32_logits(fn):
+    B, T, V = 2, 8, 64
+    n, nv = B * T, B * T * V
+    logits, labels, _ = _inputs(torch.bfloat16, B=B, T=T, V=V)
+    x = logits.requires_grad_(True)
+    if fn == "logprobs":
+        new, old = (lambda z: token_logprobs(z, labels, chunk_size=5)), (lambda z: _reference(z, labels))
+    else:
+        new, old = (lambda z: token_entropy(z, chunk_size=5)), _reference_entropy
+    saved, out = _saved_for_backward(new, x)
+    float32_saved = sum(numel for numel, dtype in saved if dtype == torch.float32)
+    assert float32_saved <= n, saved  # a float32 value per row at most
+    assert (nv, torch.bfloat16) in saved  # the logits themselves, in their own dtype
+    out.sum().backward()
+    assert x.grad.dtype == torch.bfloat16
+    # the hooks do see the plain log-softmax's float32 [N, V]: what the function avoids
+    saved, _ = _saved_for_backward(old, x)
+    assert sum(numel for numel, dtype in saved if dtype == torch.float32) >= nv
