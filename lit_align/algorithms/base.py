@@ -21,12 +21,13 @@ from lit_align.algorithms.resume import check_settings, fingerprint, optimizer_s
 from lit_align.algorithms.steps import clip_grad_norm, step_scale
 from lit_align.callbacks.resume import ResumeState
 from lit_align.data.encode import IGNORE_INDEX
-from lit_align.distributed import is_sharded
+from lit_align.distributed import is_sharded, tensor_parallel_size, use_device_mesh
 from lit_align.evaluation import ExactMatch, GroupedExactMatch
 from lit_align.losses import token_logprobs
 from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, load_tokenizer
 from lit_align.models.causal_lm import check_shardable, decoder_layer_classes, model_skeleton
 from lit_align.models.lora import check_targets, find_peft
+from lit_align.models.parallel import apply_tensor_parallel, check_tensor_parallel
 from lit_align.models.tokenizer import end_of_turn_ids
 from lit_align.rollout import SamplingParams, decode_completions, default_stop_ids, hf_generate
 
@@ -88,6 +89,8 @@ class CausalLMModule(L.LightningModule):
 
         dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
         layers = decoder_layer_classes(model, self.spec.decoder_layer_classes)
+        if tensor_parallel_size(mesh) > 1:  # split inside each layer first, then shard over replicas
+            apply_tensor_parallel(model, mesh["tensor_parallel"], layers)
         for module in model.modules():
             if type(module) in layers:
                 fully_shard(module, mesh=dp_mesh)
@@ -232,17 +235,36 @@ class CausalLMModule(L.LightningModule):
         self._stops = None  # the data module (and whether it renders chat) may differ per stage
         mesh = getattr(self, "device_mesh", None)
         if mesh is not None and self.model is None:
-            names = mesh.mesh_dim_names or ()
-            if "tensor_parallel" in names and mesh["tensor_parallel"].size() > 1:
-                # the data layout, the step's loss normalisation and the rollouts count data-parallel
-                # replicas as ranks: tensor-parallel ranks would each be taken for one, silently
-                raise ValueError(f"{type(self).__name__}: ModelParallelStrategy tensor_parallel_size "
-                                 f"{mesh['tensor_parallel'].size()} is not supported (lit_align shards with FSDP2 "
-                                 "over data_parallel_size only); set tensor_parallel_size: 1 and "
-                                 "data_parallel_size to the number of devices")
+            skeleton = model_skeleton(self.spec, self.tokenizer)
             # FSDP2 (ModelParallelStrategy) shards per decoder layer: a family without known layer
             # classes fails here, from its config, before configure_model loads any weights
-            check_shardable(self.spec, model_skeleton(self.spec, self.tokenizer), f"{type(self).__name__}.model")
+            check_shardable(self.spec, skeleton, f"{type(self).__name__}.model")
+            size = tensor_parallel_size(mesh)
+            if size > 1:
+                self.check_tensor_parallel(skeleton, size)
+        use_device_mesh(mesh)  # all-reduces sum over the data-parallel replicas only
+
+    #: whether the module runs under a device mesh with a tensor-parallel dimension (see
+    #: :meth:`check_tensor_parallel`)
+    supports_tensor_parallel: bool = False
+
+    def check_tensor_parallel(self, skeleton: torch.nn.Module, size: int) -> None:
+        """Raise ``ValueError`` unless ``size``-way tensor parallelism applies: a module that
+        supports it, no LoRA (the plan splits plain linear layers), and a model whose heads and MLP
+        ``size`` divides (:func:`~lit_align.models.parallel.check_tensor_parallel`)."""
+        name = type(self).__name__
+        if not self.supports_tensor_parallel:
+            # sampling (HF generate) and the multimodal splice are not verified to draw the same
+            # tokens on every tensor-parallel rank: refused rather than silently diverging
+            raise ValueError(f"{name}: ModelParallelStrategy tensor_parallel_size {size} is not supported for "
+                             f"{name} (tensor parallelism serves SFT, DPO and RewardModel); set "
+                             "tensor_parallel_size: 1 and data_parallel_size to the number of devices")
+        if self.lora is not None:
+            raise ValueError(f"{name}: lora with ModelParallelStrategy tensor_parallel_size {size}: the "
+                             "tensor-parallel plan splits plain linear layers, not LoRA-wrapped ones; use "
+                             "tensor_parallel_size: 1 (FSDP2 shards LoRA models) or drop lora")
+        check_tensor_parallel(skeleton, decoder_layer_classes(skeleton, self.spec.decoder_layer_classes), size,
+                              f"{name}.model")
 
     def generation_inputs(self, batch: dict) -> dict:
         """Extra inputs of ``generate`` for a held-out batch (a multimodal model's images)."""

@@ -54,6 +54,8 @@ class DPO(CausalLMModule):
     accumulation and data-parallel ranks), so it does not depend on the micro-batch split.
     """
 
+    supports_tensor_parallel = True
+
     def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, beta: float = 0.1,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, sft_weight: float = 0.0,
                  reference: CausalLMSpec | None = None, precompute_ref_logps: bool = False,

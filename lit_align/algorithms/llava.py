@@ -57,6 +57,8 @@ class LlavaMixin:
     The tower is built at construction: its image transform and token count are what the
     data module needs at setup, before ``configure_model`` builds the language model."""
 
+    supports_tensor_parallel = False  # the image splice under a tensor-parallel LM is unverified
+
     resume_invariants = ("model", "lora", "reference", "vision_tower", "projector", "init_from", "freeze_projector",
                          "freeze_language_model")
 

@@ -15,7 +15,7 @@ from lit_align.algorithms.base import CausalLMModule
 from lit_align.algorithms.optim import OptimSpec
 from lit_align.algorithms.reference import Reference
 from lit_align.algorithms.steps import StepMetrics, mini_batch_bounds
-from lit_align.distributed import all_reduce
+from lit_align.distributed import all_reduce, data_parallel
 from lit_align.losses import CORRECTION_LEVELS, CORRECTION_MODES, KL_ESTIMATORS, mismatch_metrics, rollout_correction
 from lit_align.models import CausalLMSpec, LoraSpec, build_hf_config, disable_dropout
 from lit_align.rewards import Rewards, RewardSpec
@@ -308,7 +308,7 @@ class OnlineRLModule(CausalLMModule):
         """
         n = len(rollout)
         self.check_mini_batches(n)
-        world = self.trainer.world_size if self._trainer is not None else 1
+        world = data_parallel(self._trainer)[0]
         skipped = 0
         for _ in range(passes):
             for lo, hi in mini_batch_bounds(n, self.mini_batches):

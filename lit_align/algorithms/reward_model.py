@@ -52,6 +52,8 @@ class RewardModel(CausalLMModule):
             in ``modules_to_save``).
     """
 
+    supports_tensor_parallel = True
+
     monitor = ("val/accuracy", "max")  # a reward model does not generate
 
     def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, center_coef: float = 0.0,

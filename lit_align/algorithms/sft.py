@@ -23,6 +23,8 @@ class SFT(CausalLMModule):
     Args: see :class:`~lit_align.algorithms.base.CausalLMModule`.
     """
 
+    supports_tensor_parallel = True
+
     def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, eval_max_new_tokens: int = 32,
                  num_logged_samples: int = 4, lora: LoraSpec | None = None):
         super().__init__(model=model, optim=optim, eval_max_new_tokens=eval_max_new_tokens,

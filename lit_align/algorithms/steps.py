@@ -16,16 +16,17 @@ from collections import defaultdict
 
 import torch
 
-from lit_align.distributed import full
+from lit_align.distributed import data_parallel, full
 
 
 def step_scale(trainer, automatic: bool) -> int:
-    """What a loss share is multiplied by before backward: world size, times the accumulation
+    """What a loss share is multiplied by before backward: the number of data-parallel replicas
+    (whose gradients are averaged; tensor-parallel ranks are not replicas), times the accumulation
     count that Lightning divides an automatic module's loss by (manual modules accumulate
     themselves). 1 without a trainer."""
     if trainer is None:
         return 1
-    return trainer.world_size * (trainer.accumulate_grad_batches if automatic else 1)
+    return data_parallel(trainer)[0] * (trainer.accumulate_grad_batches if automatic else 1)
 
 
 def mini_batch_bounds(n: int, mini_batches: int) -> list[tuple[int, int]]:
@@ -53,10 +54,27 @@ def clip_grad_norm(optimizer: torch.optim.Optimizer, max_norm: float | None, mod
     params = params_of(optimizer)
     if not params:
         return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    norm = total_norm([p.grad for p in params])
     if max_norm is not None:
-        torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
-    return full(norm).detach()
+        for group in _by_mesh(params):  # one foreach kernel per mesh: DTensors of two meshes do not mix
+            torch.nn.utils.clip_grads_with_norm_(group, limit, norm)
+    return norm.detach()
+
+
+def _by_mesh(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """``tensors`` grouped by DTensor device mesh (plain tensors in a group of their own)."""
+    groups: dict = {}
+    for t in tensors:
+        groups.setdefault(getattr(t, "device_mesh", None), []).append(t)
+    return list(groups.values())
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The global 2-norm of ``grads``, a plain tensor. DTensor gradients are reduced per device
+    mesh and then combined: under FSDP2 with tensor parallelism the split layers' gradients live
+    on the 2-D mesh and the rest on the data-parallel one, which one ``torch.stack`` cannot mix."""
+    norms = [full(torch.nn.utils.get_total_norm(group)) for group in _by_mesh(grads)]
+    return norms[0] if len(norms) == 1 else torch.linalg.vector_norm(torch.stack(norms))
 
 
 class StepMetrics:

@@ -15,6 +15,7 @@ from lit_align.data.batching import PlannedBatches, ResumableLoader
 from lit_align.data.encode import TRUNCATION, Dropped
 from lit_align.data.formats import DataError, Where
 from lit_align.data.sources import ROW_COLUMN, load_splits, task_splits
+from lit_align.distributed import data_parallel
 from lit_align.settings import differences, plain
 
 SCALARS = (str, int, float, bool)
@@ -240,7 +241,8 @@ class TextDataModule(L.LightningDataModule):
         t = self.trainer
         if t is None:
             return 1, 1, 0
-        return t.accumulate_grad_batches, t.world_size, t.global_rank
+        # tensor-parallel ranks of one replica take the same rows
+        return (t.accumulate_grad_batches, *data_parallel(t))
 
     def _progress(self) -> tuple[int, int]:
         loop = self.trainer.fit_loop

@@ -24,7 +24,8 @@ from lit_align.data.formats import (
     renamed_columns,
 )
 from lit_align.data.sources import ROW_COLUMN
-from lit_align.data.tasks import ArithTask
+from lit_align.data.tasks import ArithTask, ChainTask
+from lit_align.distributed import data_parallel
 
 PROMPT_COLUMNS = {"prompt": "prompt"}
 PROMPT_FORMATS = ("auto", "string", "messages")
@@ -54,8 +55,9 @@ class PromptDataModule(TextDataModule):
     the row's reference answer and metadata.
 
     Args:
-        task: a built-in task (``arith``: prompt + ground-truth answer) used when ``path`` and
-            ``data_files`` are unset.
+        task: a built-in task (``arith`` or ``chain``: prompt + ground-truth answer) used when
+            ``path`` and ``data_files`` are unset. A task with a ``group_key`` (``chain``:
+            ``steps``) also reports held-out exact match per group.
         path: hub id, local folder, or a local json/jsonl/parquet/csv file.
         data_files: files for ``datasets``' json/csv/parquet builders (a dict maps splits to files).
         name: dataset configuration name.
@@ -96,7 +98,7 @@ class PromptDataModule(TextDataModule):
 
     row_kind = "prompt"
 
-    def __init__(self, task: ArithTask | None = None, path: str | None = None,
+    def __init__(self, task: ChainTask | ArithTask | None = None, path: str | None = None,
                  data_files: str | list[str] | dict[str, Any] | None = None, name: str | None = None,
                  train_split: str = "train", val_split: str | None = "validation", test_split: str | None = "test",
                  val_fraction: float = 0.0, format: str = "auto", columns: dict[str, str] | None = None,
@@ -119,6 +121,7 @@ class PromptDataModule(TextDataModule):
                              " written (set chat_template: true to wrap them as a user turn)")
         self.columns = renamed_columns(columns, PROMPT_COLUMNS)
         self.save_hyperparameters(ignore=["task"])
+        self.group_key = getattr(task, "group_key", None) if self.uses_task else None
         self._split_format: str | None = None
         self._cut_starts = 0  # prompts of the split being encoded cut from the left
 
@@ -278,7 +281,7 @@ class PromptDataModule(TextDataModule):
             raise RuntimeError("extra_prompts: call setup() first")
         if n < 1:
             raise ValueError(f"extra_prompts: n={n} must be >= 1")
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank = data_parallel(self.trainer)[1]
         rows = self.encoded["train"]
         rng = random.Random(f"extra_prompts:{self.hparams.seed}:{step}:{round}:{rank}")  # str seeds hash stably
         taken = {int(i) for i in exclude}

@@ -13,10 +13,24 @@ from lit_align.rollout.hf import HFEngine
 
 
 def test_step_scale_undoes_accumulation_only_for_automatic_modules():
-    trainer = SimpleNamespace(world_size=4, accumulate_grad_batches=3)
+    trainer = SimpleNamespace(world_size=4, global_rank=0, accumulate_grad_batches=3)
     assert step_scale(trainer, automatic=True) == 12
     assert step_scale(trainer, automatic=False) == 4
     assert step_scale(None, automatic=True) == 1
+
+
+def test_step_scale_counts_data_parallel_replicas_not_tensor_parallel_ranks():
+    """4 processes as 2 replicas x 2-way tensor parallelism: gradients average over 2 replicas."""
+    from tests.algorithms.test_sharding_settings import _Mesh
+
+    dim = type("Dim", (), {"size": lambda self: 2, "get_local_rank": lambda self: 1})()
+    mesh = type("Mesh", (_Mesh,), {"__getitem__": lambda self, name: dim})((2, 2))
+    trainer = SimpleNamespace(world_size=4, global_rank=3, accumulate_grad_batches=3,
+                              lightning_module=SimpleNamespace(_device_mesh=mesh))
+    assert step_scale(trainer, automatic=True) == 6
+    from lit_align.distributed import data_parallel
+
+    assert data_parallel(trainer) == (2, 1)
 
 
 def test_mini_batch_bounds_cover_every_row_once():

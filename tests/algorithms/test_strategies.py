@@ -121,6 +121,8 @@ def _strategy(name: str | None):
         return DDPStrategy(process_group_backend="gloo")
     if name == "fsdp2":
         return ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    if name == "tp":  # both processes one data-parallel replica, each layer split over them
+        return ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=2)
     return "auto"
 
 
@@ -193,7 +195,7 @@ def run_case(name: str, strategy: str | None, directory: str, rows: list[int] | 
     images to ``directory/rank<r>.pt``, and the HF export to ``directory/hf`` (collective: every
     rank exports). ``sft_resume`` fits 1 of its 2 steps writing a checkpoint with ModelCheckpoint
     (distributed under FSDP2), then resumes it with ``ckpt_path`` in a new trainer and module."""
-    world = 1 if strategy is None else 2
+    world = 1 if strategy in (None, "tp") else 2  # data-parallel replicas
     module, data, settings = _case(name, world, rows)
     record: dict = {}
     if name == "dapo":
