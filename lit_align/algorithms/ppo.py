@@ -31,6 +31,7 @@ from lit_align.models import (
     load_reward_model,
     token_scores,
 )
+from lit_align.models.causal_lm import enable_gradient_checkpointing
 from lit_align.rewards import RewardSpec
 from lit_align.rollout import EngineSpec, RolloutBatch, SamplingParams, completion_logprobs
 
@@ -87,7 +88,9 @@ class PPO(OnlineRLModule):
         value_model: the critic's initialisation: a reward model export (its head included) or
             any causal LM (a new scalar head). Default: the reward model of a ``reward_model``
             reward when one is configured (InstructGPT, Ouyang et al. 2022, sec. 3.5), else the
-            actor's weights. It must use the actor's tokenizer.
+            actor's weights. It must use the actor's tokenizer. Gradient checkpointing follows
+            its own ``gradient_checkpointing``, or the actor's for a critic loaded from the
+            reward model.
         rewards: the score (:class:`~lit_align.rewards.RewardSpec` list, summed with weights).
         sampling: rollout sampling (``max_new_tokens``, temperature, top-p/top-k).
         num_generations: completions per prompt.
@@ -191,6 +194,8 @@ class PPO(OnlineRLModule):
         if tokenizer.get_vocab() != self.tokenizer.get_vocab():
             raise ValueError(f"PPO.value_model: the critic would start from the reward model {self.value_from}, whose "
                              "tokenizer differs from the policy's; set value_model (e.g. the policy) explicitly")
+        if self.spec.gradient_checkpointing:  # an export carries no spec of its own: the actor's setting
+            enable_gradient_checkpointing(critic)
         return critic.to(next(self.model.parameters()).dtype)
 
     def configure_optimizers(self):

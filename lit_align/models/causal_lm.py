@@ -114,8 +114,23 @@ def build_hf_model(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase, auto_
     if model.get_input_embeddings().num_embeddings < len(tokenizer):
         model.resize_token_embeddings(len(tokenizer))
     if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
+        enable_gradient_checkpointing(model)
+    return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> PreTrainedModel:
+    """Recompute each decoder layer's activations in the backward instead of keeping them.
+
+    Non-reentrant (``use_reentrant=False``): gradients reach the layers' parameters even when
+    their inputs need none (LoRA over frozen embeddings), and FSDP2's per-layer hooks stay
+    outside the recomputed region. It applies in training mode with gradients only: generation
+    (eval mode, no grad) keeps the KV cache, and a frozen model is untouched."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x; the older name is deprecated
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.config.use_cache = False
     return model
 
 
