@@ -26,6 +26,10 @@ class LoraSpec:
         export: what the HF export holds, one of :data:`EXPORTS`: ``merged`` (``W + alpha / r * B A``
             folded into the base weights, a plain HF model) or ``adapter`` (the adapter weights and
             config only, loaded on top of the base with ``peft.PeftModel.from_pretrained``).
+        seed: seed of the adapters' random initialisation (peft's Kaiming-uniform ``A``; ``B`` is 0),
+            drawn from its own generator: every rank builds the same adapters (FSDP2 keeps each
+            rank's own shard of its initialisation, nothing is broadcast) and a run repeats
+            whatever the global random state.
     """
 
     r: int = 16
@@ -34,6 +38,7 @@ class LoraSpec:
     target_modules: list[str] | str = "all-linear"
     modules_to_save: list[str] = field(default_factory=list)
     export: str = "merged"
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.r < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
@@ -81,7 +86,10 @@ def apply_lora(model: torch.nn.Module, spec: LoraSpec, task_type: str = "CAUSAL_
 
     config = LoraConfig(r=spec.r, lora_alpha=spec.alpha, lora_dropout=spec.dropout, target_modules=spec.target_modules,
                         modules_to_save=spec.modules_to_save or None, task_type=task_type)
-    return get_peft_model(model, config)
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(spec.seed)
+        return get_peft_model(model, config)
 
 
 def is_peft(model: torch.nn.Module) -> bool:

@@ -182,3 +182,25 @@ def test_llava_dpo_lora_reference_is_the_initial_model(tmp_path):
         torch.testing.assert_close(module.lm_forward(batch, ref), start, rtol=1e-5, atol=1e-5)
     with torch.no_grad():
         assert (module.lm_forward(batch) - start).abs().max() > 1e-4
+
+
+def test_adapters_initialise_from_their_own_seed_whatever_the_global_random_state():
+    """Ranks whose global RNGs differ (no seed_everything, or per-rank streams) build the same A
+    matrices: under FSDP2 each keeps its shard of its own initialisation, so they must agree."""
+    from lit_align.models import apply_lora
+
+    tokenizer = build_tokenizer("byte")
+
+    def adapters(global_seed: int, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)
+        model = apply_lora(build_causal_lm(CausalLMSpec(config=tiny_config(), seed=1), tokenizer),
+                           LoraSpec(r=4, alpha=8, seed=seed))
+        after = torch.rand(1)  # the global stream was left where it was
+        torch.manual_seed(global_seed)
+        assert torch.equal(after, torch.rand(1))
+        return {k: v for k, v in model.state_dict().items() if "lora_A" in k}
+
+    first, other_rank, other_seed = adapters(0, 0), adapters(123, 0), adapters(0, 1)
+    assert first and first.keys() == other_rank.keys()
+    assert all(torch.equal(first[k], other_rank[k]) for k in first)
+    assert all(not torch.equal(first[k], other_seed[k]) for k in first)

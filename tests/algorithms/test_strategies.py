@@ -1,11 +1,12 @@
 """Two "nodes" on one machine: two torchrun launchers (``--nnodes 2 --node_rank k``, one process
 each, gloo over 127.0.0.1), launched once. In the same two processes, SFT trains through the CLI
 (``--trainer.num_nodes 2 --trainer.devices 1``, DDP), then every case of :data:`RUNS` fits under
-DDP or FSDP2: SFT, the reward model, DPO (frozen copy reference), GRPO, GSPO, DAPO (dynamic
-sampling), PPO (actor, critic and reference), LLaVA stage 2 and LLaVA-DPO (tower and projector
-their own units, the image splice and generation under sharding), and SFT resumed under FSDP2 from
-a distributed checkpoint. Each ends at the weights of one process that accumulates the same global
-batch, and its HF export, written from rank 0, holds the full (gathered) weights."""
+DDP or FSDP2: SFT, the reward model, DPO (frozen copy, LoRA adapters-off and precomputed
+reference), GRPO, GSPO, DAPO (dynamic sampling), PPO (actor, critic and reference), LLaVA stage 2
+and LLaVA-DPO (tower and projector their own units, the image splice and generation under
+sharding), and SFT resumed under FSDP2 from a distributed checkpoint. Each ends at the weights of
+one process that accumulates the same global batch, and its HF export, written from rank 0, holds
+the full (gathered) weights."""
 
 import os
 import socket
@@ -44,7 +45,8 @@ TOWER = dict(library="timm", name="vit_tiny_patch16_224",
 #: (case, strategy) pairs the 2-process run fits, in this order, in the same two processes
 RUNS = [("dpo", "ddp"), ("dpo", "fsdp2"), ("grpo", "fsdp2"), ("llava", "fsdp2"), ("llava", "ddp"),
         ("rm", "ddp"), ("rm", "fsdp2"), ("llava_dpo", "ddp"), ("llava_dpo", "fsdp2"), ("gspo", "fsdp2"),
-        ("dapo", "fsdp2"), ("ppo", "ddp"), ("ppo", "fsdp2"), ("sft", "fsdp2"), ("sft_resume", "fsdp2")]
+        ("dapo", "fsdp2"), ("ppo", "ddp"), ("ppo", "fsdp2"), ("sft", "fsdp2"), ("sft_resume", "fsdp2"),
+        ("dpo_lora", "ddp"), ("dpo_lora", "fsdp2"), ("dpo_precomputed", "ddp"), ("dpo_precomputed", "fsdp2")]
 # float32 sums in another order (all-reduce of two halves vs one process accumulating them)
 TOLERANCE = dict(rtol=1e-4, atol=1e-6)
 ADAM = OptimSpec(lr=1e-2, warmup_steps=0, schedule="constant")
@@ -78,9 +80,16 @@ def _case(name: str, world: int, rows: list[int] | None = None):
                                      micro_batch_size=4, group_by_length=False, eval_batch_size=4)
         module = SFT(model=_lm(), eval_max_new_tokens=0, optim=ADAM)
         return module, data, dict(max_steps=2, accumulate_grad_batches=2 // world)
-    if name in ("dpo", "rm"):
-        module = DPO(model=_lm(), eval_max_new_tokens=0, optim=ADAM) if name == "dpo" else \
-            RewardModel(model=_lm(), optim=ADAM)
+    if name in ("dpo", "rm", "dpo_lora", "dpo_precomputed"):
+        from lit_align.models import LoraSpec
+
+        # LoRA: the reference is the policy with its adapters disabled; precomputed: the reference
+        # log-probs of every pair come from one pass before training, then the copy is freed.
+        # LoRA's A gets no gradient while B is 0 (step 1), then a tiny one: the linear Adam
+        extra = {"dpo_lora": dict(lora=LoraSpec(r=4, alpha=8), optim=SCALED_ADAM),
+                 "dpo_precomputed": dict(precompute_ref_logps=True)}
+        module = RewardModel(model=_lm(), optim=ADAM) if name == "rm" else \
+            DPO(model=_lm(), eval_max_new_tokens=0, **{"optim": ADAM, **extra.get(name, {})})
         data = PreferenceDataModule(task=ArithTask(digits=2, train_size=16, val_size=4), max_length=16,
                                     micro_batch_size=4, group_by_length=False, eval_batch_size=4)
         return module, data, dict(max_steps=2, accumulate_grad_batches=2 // world)
@@ -326,8 +335,11 @@ def _initial(case: str) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def _moved(start: dict, trained: dict) -> bool:
-    """Whether training moved every attention projection away from the seeded initialisation."""
-    keys = [k for k in start if k.endswith("q_proj.weight") and "vision_tower" not in k]
+    """Whether training moved every attention projection (under LoRA, its adapter) away from the
+    seeded initialisation."""
+    lora = any("lora_B" in k for k in start)
+    keys = [k for k in start if k.endswith("q_proj.lora_B.default.weight" if lora else "q_proj.weight")
+            and "vision_tower" not in k]
     return bool(keys) and all(not torch.equal(start[k], trained[k]) for k in keys)
 
 
@@ -354,8 +366,18 @@ def _check_export(case: str, directory, state: dict) -> None:
                 torch.testing.assert_close(v, state[f"{part}.{k}"], rtol=0, atol=0, msg=f"{case} export {part}.{k}")
 
 
+def _check_same_export(got, want) -> None:
+    from transformers import AutoModelForCausalLM
+
+    got, want = (AutoModelForCausalLM.from_pretrained(d).state_dict() for d in (got, want))
+    assert got.keys() == want.keys() and not any("lora" in k for k in got)
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, **TOLERANCE, msg=f"merged export {k}")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["rm", "dpo", "grpo", "gspo", "ppo", "llava", "llava_dpo"])
+@pytest.mark.parametrize("case", ["rm", "dpo", "dpo_lora", "dpo_precomputed", "grpo", "gspo", "ppo", "llava",
+                                  "llava_dpo"])
 def test_two_processes_equal_one_process(case, two_nodes, tmp_path):
     single = _one_process(case, tmp_path)
     start = _initial(case)
@@ -367,7 +389,10 @@ def test_two_processes_equal_one_process(case, two_nodes, tmp_path):
         directory = two_nodes / f"{case}-{strategy}"
         ranks = _ranks(directory)
         _check(ranks, single, strategy, case)
-        _check_export(case, directory, ranks[0]["state"])
+        if case == "dpo_lora":  # merged weights: the adapters folded into the base, as one process exports them
+            _check_same_export(directory / "hf", tmp_path / case / "hf")
+        else:
+            _check_export(case, directory, ranks[0]["state"])
         if "reference" in start:  # frozen: gathered or replicated, still the initial policy
             for r in ranks:
                 for k, v in start["reference"].items():
