@@ -66,6 +66,24 @@ def _architecture(config) -> str:
     return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, f"<no causal LM for {config.model_type!r}>")
 
 
+def _is_multimodal(config, arch: str) -> bool:
+    """Whether ``config`` is a vision- or audio-language model: a sub-config for the other
+    modality, or an architecture vLLM registers as multimodal."""
+    from vllm.model_executor.models import registry
+
+    return arch in getattr(registry, "_MULTIMODAL_MODELS", {}) \
+        or any(getattr(config, key, None) is not None for key in ("vision_config", "audio_config"))
+
+
+def _refuse_multimodal_module(model: torch.nn.Module) -> None:
+    """Refuse lit_align's own multimodal model (:class:`~lit_align.models.llava.LlavaModel`: a vision
+    tower and projector in front of a causal LM), which no vLLM architecture matches."""
+    if any(cls.__module__ == "lit_align.models.llava" for cls in type(model).__mro__):  # FSDP2: FSDPLlavaModel
+        raise ValueError(f"engine vllm: {type(model).__name__} (lit_align's LLaVA model: a vision tower and "
+                         "projector in front of a causal LM) is not a model family vLLM serves, so engine.name: vllm "
+                         "cannot sample from it; use engine: hf")
+
+
 def _hf_model(model: torch.nn.Module) -> torch.nn.Module:
     """The HF model under a peft wrapper."""
     return model.base_model.model if is_peft(model) else model
@@ -77,6 +95,32 @@ def _model_class_name(model: torch.nn.Module) -> str:
         if cls.__module__.startswith("transformers."):
             return cls.__name__
     return type(model).__name__
+
+
+def _keep_training_world(llm) -> None:
+    """Make the shutdown of ``llm``'s in-process engine core (at :meth:`VLLMEngine.close`, or when it
+    is garbage collected) leave torch's default process group alone. vLLM ends that shutdown with
+    ``destroy_distributed_environment()``, which destroys the default group: the training
+    processes' own when vLLM joined it (``external_launcher``). vLLM's world group stays too, for
+    the next engine of this process to join again; its model-parallel groups still go."""
+    from vllm.distributed import parallel_state
+
+    client = llm.llm_engine.engine_core  # InprocClient: the engine core runs in this process
+    core = client.engine_core
+    shutdown = core.shutdown
+
+    def shutdown_keeping_world():
+        destroy = parallel_state.destroy_distributed_environment
+        parallel_state.destroy_distributed_environment = lambda: None
+        try:
+            shutdown()
+        finally:
+            parallel_state.destroy_distributed_environment = destroy
+
+    core.shutdown = shutdown_keeping_world
+    # the client's finalizer holds the original bound method: replace it (it must not reference the client)
+    client._finalizer.detach()
+    client._finalizer = weakref.finalize(client, shutdown_keeping_world)
 
 
 @register_engine("vllm")
@@ -93,7 +137,9 @@ class VLLMEngine(RolloutEngine):
             at most one of the two).
         tensor_parallel_size: ranks that hold one engine together (vLLM shards each layer over
             them); it divides the number of training processes, and the ranks of a group sample
-            their prompts together.
+            their prompts together. With several training processes (DDP, FSDP2) every rank's
+            engine joins the training process group (vLLM's ``external_launcher``), so the first
+            :meth:`update_weights` runs on every rank at once, inside the run.
         max_model_len: longest prompt + completion; ``None``: the model's maximum.
         enforce_eager: no CUDA graphs / compilation (faster start-up, slower decoding).
         sleep_between_rollouts: free the engine's weights and KV cache between rollouts (vLLM
@@ -166,11 +212,18 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"engine vllm: tensor_parallel_size {tp} does not divide the {world} training processes")
 
     def check(self, model_config, sampling: SamplingParams) -> None:
-        """Refuse a model family vLLM does not serve, a shape its kernels here lack, and a
-        sampling setting its sampler has no equivalent for; nothing is loaded."""
+        """Refuse a model family vLLM does not serve (multimodal ones included: the engine syncs a
+        text-only causal LM), a shape its kernels here lack, and a sampling setting its sampler has
+        no equivalent for; nothing is loaded."""
         from vllm.model_executor.models import ModelRegistry
 
         arch = _architecture(model_config)
+        if _is_multimodal(model_config, arch):
+            family = f"model_type {getattr(model_config, 'model_type', '?')!r}"
+            family = family if arch.startswith("<") else f"{arch} ({family})"
+            raise ValueError(f"engine vllm: {family} is a multimodal model family, not served by engine.name: vllm "
+                             "here: the engine syncs a text-only causal LM and sends token ids, no images; use "
+                             "engine: hf")
         if arch not in ModelRegistry.get_supported_archs():
             raise ValueError(f"engine vllm: vLLM {self.vllm.__version__} does not serve {arch} "
                              f"(model_type {getattr(model_config, 'model_type', '?')!r}); use engine hf")
@@ -206,18 +259,26 @@ class VLLMEngine(RolloutEngine):
         """Start vLLM on the policy's architecture with placeholder weights ("dummy" load); the
         real ones come from :meth:`update_weights` right after."""
         global _LIVE
+        _refuse_multimodal_module(model)
         hf = _hf_model(model)
         config = copy.deepcopy(hf.config)
         config.architectures = [_model_class_name(hf)]
         self.check(config, SamplingParams())
         tp = self.settings["tensor_parallel_size"]
         self._check_world(tp)
+        world, rank = _world()
+        own_world = not (dist.is_available() and dist.is_initialized())
+        if world > 1 and own_world:
+            # vLLM would set up a world of tensor_parallel_size processes, not the training's
+            raise RuntimeError(f"engine vllm: {world} training processes (WORLD_SIZE) but torch.distributed is not "
+                               "initialised; each rank's engine joins the training process group, so build it (the "
+                               "first update_weights, on every rank at once) inside the run, after the strategy has "
+                               "set that group up")
         previous = _LIVE() if _LIVE is not None else None
         if previous is not None and previous is not self:
             previous.close()
         self._workdir = tempfile.TemporaryDirectory(prefix="lit_align_vllm_")
         config.save_pretrained(self._workdir.name)
-        world, rank = _world()
         kwargs = {k: v for k, v in self.settings.items() if v is not None and k != "seed"}
         kwargs["dtype"] = self.settings["dtype"] or str(next(hf.parameters()).dtype).removeprefix("torch.")
         if world > 1:
@@ -226,7 +287,7 @@ class VLLMEngine(RolloutEngine):
             for key, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", world)):
                 os.environ.setdefault(key, str(value))
             kwargs["distributed_executor_backend"] = "external_launcher"
-        self._own_world = not (dist.is_available() and dist.is_initialized())
+        self._own_world = own_world
         set_num_threads = torch.set_num_threads  # the CPU worker replaces it process-wide
         try:
             self.llm = self.vllm.LLM(model=self._workdir.name, skip_tokenizer_init=True, load_format="dummy",
@@ -234,17 +295,22 @@ class VLLMEngine(RolloutEngine):
                                      enable_sleep_mode=self.sleep_between_rollouts, **kwargs)
         finally:
             torch.set_num_threads = set_num_threads
+        if not self._own_world:
+            _keep_training_world(self.llm)
         _LIVE = weakref.ref(self)
         if self.seed is not None and self._generator is None:
             self._generator = torch.Generator().manual_seed(self.seed + 7919 * rank)
 
     def close(self) -> None:
-        """Shut vLLM down and free its process groups (another engine may start after it)."""
+        """Shut vLLM down and free its process groups (another engine may start after it). The
+        shutdown runs now, not when the engine is garbage collected: run later it would tear down
+        the process groups the next engine of this process is using."""
         global _LIVE
         if self.llm is None:
             return
         from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
 
+        self.llm.llm_engine.engine_core.shutdown()
         self.llm = None
         gc.collect()
         destroy_model_parallel()

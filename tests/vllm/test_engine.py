@@ -175,9 +175,41 @@ def test_invalid_settings_fail_at_construction(kwargs, match):
 
 
 def test_tensor_parallel_size_must_divide_the_world(monkeypatch):
+    import lit_align.rollout.vllm as engine_module
+
+    # before the strategy sets the process group up, the world is the launcher's (the single-process
+    # engines of this module may have left a world of one set up)
     monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setattr(engine_module.dist, "is_initialized", lambda: False)
     with pytest.raises(ValueError, match="tensor_parallel_size 2 does not divide the 3 training processes"):
         build_engine("vllm", TOK, tensor_parallel_size=2)
+
+
+def test_lit_align_llava_model_is_refused_before_vllm_starts(engine):
+    """lit_align's LlavaModel (tower + projector + causal LM) matches no vLLM architecture: refused at
+    the first sync, before vLLM starts (the live engine stays up)."""
+    from lit_align.models.llava import LlavaModel
+
+    llava = LlavaModel(torch.nn.Identity(), torch.nn.Linear(64, 64), policy(), image_token_id=5)
+    e = build_engine("vllm", TOK, **ENGINE_ARGS)
+    match = (r"engine vllm: LlavaModel \(lit_align's LLaVA model: .*\) is not a model family vLLM serves, so "
+             "engine.name: vllm cannot sample from it; use engine: hf")
+    with pytest.raises(ValueError, match=match):
+        e.update_weights(llava)
+    assert e.llm is None and engine.llm is not None
+
+
+def test_several_processes_need_their_process_group_before_the_engine_starts(monkeypatch):
+    """Under torchrun (WORLD_SIZE 2) each rank's engine joins the training process group; built
+    before the strategy set it up, vLLM would make a world of its own: refused."""
+    import lit_align.rollout.vllm as engine_module
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(engine_module.dist, "is_initialized", lambda: False)
+    e = build_engine("vllm", TOK, **ENGINE_ARGS)
+    with pytest.raises(RuntimeError, match="engine vllm: 2 training processes .* torch.distributed is not initialised"):
+        e.update_weights(policy())
+    assert e.llm is None
 
 
 def test_engine_runs_in_the_training_process(monkeypatch):
@@ -197,6 +229,12 @@ class WithMinP(SamplingParams):
     (tiny_config(), SamplingParams(temperature=1.0),
      r"serves head sizes \[32, .*the model's is 16 \(hidden size 32 / 2 heads\)"),
     (VLLM_CONFIG, WithMinP(temperature=1.0, min_p=0.1), "sampling.min_p: vLLM's sampler has no such setting"),
+    # vision-language families: the engine syncs a text-only causal LM and sends no images
+    (dict(model_type="llava"), SamplingParams(temperature=1.0),
+     "model_type 'llava' is a multimodal model family, not served by engine.name: vllm .*use engine: hf"),
+    (dict(model_type="gemma3"), SamplingParams(temperature=1.0),  # vLLM serves it, with its vision tower
+     r"Gemma3ForConditionalGeneration \(model_type 'gemma3'\) is a multimodal model family, not served by "
+     "engine.name: vllm"),
 ])
 def test_what_vllm_cannot_serve_fails_when_the_module_is_built(config, sampling, match, monkeypatch):
     import lit_align.rollout.vllm as engine_module
