@@ -45,8 +45,9 @@ TOWER = dict(library="timm", name="vit_tiny_patch16_224",
 #: (case, strategy) pairs the 2-process run fits, in this order, in the same two processes
 RUNS = [("dpo", "ddp"), ("dpo", "fsdp2"), ("grpo", "fsdp2"), ("llava", "fsdp2"), ("llava", "ddp"),
         ("rm", "ddp"), ("rm", "fsdp2"), ("llava_dpo", "ddp"), ("llava_dpo", "fsdp2"), ("gspo", "fsdp2"),
-        ("dapo", "fsdp2"), ("ppo", "ddp"), ("ppo", "fsdp2"), ("sft", "fsdp2"), ("sft_resume", "fsdp2"),
-        ("dpo_lora", "ddp"), ("dpo_lora", "fsdp2"), ("dpo_precomputed", "ddp"), ("dpo_precomputed", "fsdp2")]
+        ("gspo", "ddp"), ("dapo", "fsdp2"), ("dapo", "ddp"), ("ppo", "ddp"), ("ppo", "fsdp2"), ("sft", "fsdp2"),
+        ("sft_resume", "fsdp2"), ("dpo_lora", "ddp"), ("dpo_lora", "fsdp2"), ("dpo_precomputed", "ddp"),
+        ("dpo_precomputed", "fsdp2")]
 # float32 sums in another order (all-reduce of two halves vs one process accumulating them)
 TOLERANCE = dict(rtol=1e-4, atol=1e-6)
 ADAM = OptimSpec(lr=1e-2, warmup_steps=0, schedule="constant")
@@ -411,14 +412,17 @@ def test_two_processes_equal_one_process(case, two_nodes, tmp_path):
 
 
 @pytest.mark.slow
-def test_dapo_dynamic_sampling_decides_rounds_together_and_equals_one_process_on_the_kept_groups(two_nodes, tmp_path):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_dapo_dynamic_sampling_decides_rounds_together_and_equals_one_process_on_the_kept_groups(
+        strategy, two_nodes, tmp_path):
     """DAPO's dynamic sampling fills each rank's batch from its own prompts, drawing more until
     every rank has its share of groups with varied rewards: the number of sampling rounds is the
-    same on both ranks (generation under FSDP2 is collective; a rank stopping early would leave the
-    other waiting), so a rank that already had enough samples on and drops the surplus. Extra
-    prompts are drawn per rank, so one process on the same 4 starting prompts would draw other
-    ones; on the 4 groups the ranks kept, one process takes the same step."""
-    ranks = _ranks(two_nodes / "dapo-fsdp2")
+    same on both ranks (the step's losses are normalised over both ranks' tokens, and generation
+    under FSDP2 is collective; a rank stopping early would leave the other waiting), so a rank that
+    already had enough samples on and drops the surplus. Extra prompts are drawn per rank, so one
+    process on the same 4 starting prompts would draw other ones; on the 4 groups the ranks kept,
+    one process takes the same step."""
+    ranks = _ranks(two_nodes / f"dapo-{strategy}")
     (s0,), (s1,) = ranks[0]["stats"], ranks[1]["stats"]
     assert s0["rounds"] == s1["rounds"] > 1
     assert s0["drop_rate"] > 0 and s1["drop_rate"] > 0
@@ -430,8 +434,8 @@ def test_dapo_dynamic_sampling_decides_rounds_together_and_equals_one_process_on
     single = _one_process("dapo", tmp_path, rows=kept)
     assert single["stats"][0]["rounds"] == 1 and sorted(single["kept"][0]) == sorted(range(4))
     assert _moved(_initial("dapo")["policy"], single["state"])
-    _check(ranks, single, "fsdp2", "dapo")
-    _check_export("dapo", two_nodes / "dapo-fsdp2", ranks[0]["state"])
+    _check(ranks, single, strategy, "dapo")
+    _check_export("dapo", two_nodes / f"dapo-{strategy}", ranks[0]["state"])
 
 
 @pytest.mark.slow
