@@ -355,7 +355,8 @@ class CausalLMModule(L.LightningModule):
         return [ResumeState()]
 
     #: State-dict prefixes of frozen models rebuilt from their specs at every start (the reference
-    #: policy): never written to checkpoints, expected missing when one is loaded.
+    #: policy): not written to checkpoints (except distributed ones), expected missing when one is
+    #: loaded.
     rebuilt_prefixes: tuple[str, ...] = (REFERENCE_PREFIX,)
     #: Settings the checkpoint's weights depend on: loading a checkpoint trained with other
     #: values is refused (:func:`~lit_align.algorithms.resume.check_settings`).
@@ -391,8 +392,13 @@ class CausalLMModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if getattr(self, "_frozen", None):
             checkpoint["frozen_models"] = self._frozen
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                    if not k.startswith(self.rebuilt_prefixes)}
+        state = checkpoint["state_dict"]
+        if any(hasattr(v, "device_mesh") for v in state.values()):
+            # a distributed (FSDP2) checkpoint keeps them: torch.distributed.checkpoint's load plans
+            # every key of the module's state dict and fails on one the files lack, whatever
+            # `strict` says. Each rank writes only its shard of them.
+            return
+        checkpoint["state_dict"] = {k: v for k, v in state.items() if not k.startswith(self.rebuilt_prefixes)}
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """``nn.Module.load_state_dict``, where keys of :attr:`rebuilt_prefixes` may be missing;

@@ -181,18 +181,36 @@ class ResumableLoader(DataLoader):
     def __init__(self, dataset: PlannedBatches, progress: Callable[[], tuple[int, int]] | None = None, **kwargs):
         super().__init__(dataset, batch_size=None, **kwargs)
         self.progress = progress
+        # The loader counts its own epochs (one pass each) rather than reading the trainer's: resumed
+        # from a checkpoint written after an epoch's last batch (before the epoch ended), Lightning
+        # counts that epoch as processed at restart and again when its (empty) rest ends, one more
+        # than the passes the data made; read from it, the run would skip one epoch's row order.
+        self._restored: int | None = None
+        self._next: int | None = None  # the epoch of the next pass
+        self._pass: tuple[int, int] | None = None  # (data epoch, trainer epoch count) of this pass
 
     def __iter__(self):
         if self.progress is not None:
-            self.dataset.epoch = self.progress()[0]
+            count = self.progress()[0]
+            epoch = next(e for e in (self._restored, self._next, count) if e is not None)
+            self._restored, self._next, self._pass = None, epoch + 1, (epoch, count)
+            self.dataset.epoch = epoch
         iterator = super().__iter__()
         self.dataset.skip = 0  # a restored position applies to one pass only
         return iterator
 
     def state_dict(self) -> dict[str, int]:
-        epoch, done = self.progress() if self.progress is not None else (self.dataset.epoch, 0)
+        if self.progress is None:
+            return {"epoch": self.dataset.epoch, "batches_done": 0}
+        count, done = self.progress()
+        if self._pass is None:  # no pass yet
+            return {"epoch": count if self._restored is None else self._restored, "batches_done": done}
+        epoch, at_start = self._pass
+        if count != at_start:  # the pass ended (an epoch-end checkpoint): the next one starts afresh
+            return {"epoch": epoch + 1, "batches_done": 0}
         return {"epoch": epoch, "batches_done": done}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self._restored = state["epoch"]
         self.dataset.epoch = state["epoch"]
         self.dataset.skip = state["batches_done"]

@@ -46,8 +46,12 @@ TOWER = dict(library="timm", name="vit_tiny_patch16_224",
 RUNS = [("dpo", "ddp"), ("dpo", "fsdp2"), ("grpo", "fsdp2"), ("llava", "fsdp2"), ("llava", "ddp"),
         ("rm", "ddp"), ("rm", "fsdp2"), ("llava_dpo", "ddp"), ("llava_dpo", "fsdp2"), ("gspo", "fsdp2"),
         ("gspo", "ddp"), ("dapo", "fsdp2"), ("dapo", "ddp"), ("ppo", "ddp"), ("ppo", "fsdp2"), ("sft", "fsdp2"),
-        ("sft_resume", "fsdp2"), ("dpo_lora", "ddp"), ("dpo_lora", "fsdp2"), ("dpo_precomputed", "ddp"),
-        ("dpo_precomputed", "fsdp2")]
+        ("dpo_lora", "ddp"), ("dpo_lora", "fsdp2"), ("dpo_precomputed", "ddp"), ("dpo_precomputed", "fsdp2"),
+        ("sft", "ddp")]
+#: resumed case -> the uninterrupted run it must end at (``_long``: twice the steps of the case)
+RESUMED = {"sft_resume": "sft", "dpo_resume": "dpo", "grpo_resume": "grpo_long", "ppo_resume": "ppo_long"}
+RUNS += [(c, s) for resumed, straight in RESUMED.items() for c in dict.fromkeys([straight, resumed])
+         for s in ("ddp", "fsdp2") if (c, s) not in RUNS]
 # float32 sums in another order (all-reduce of two halves vs one process accumulating them)
 TOLERANCE = dict(rtol=1e-4, atol=1e-6)
 ADAM = OptimSpec(lr=1e-2, warmup_steps=0, schedule="constant")
@@ -75,8 +79,15 @@ def _rl(cls, reward: str = "fixed_reward", label: str = "fixed", **settings):
 def _case(name: str, world: int, rows: list[int] | None = None):
     """The module, data module and trainer settings of a case for ``world`` processes; one process
     accumulates the micro-batches the ranks take, so the global batch is the same. ``rows``
-    (DAPO): train on these training prompts only."""
-    if name in ("sft", "sft_resume"):
+    (DAPO): train on these training prompts only. ``<case>_resume`` and ``<case>_long`` are the
+    case's settings, with twice its steps where it has one rollout (GRPO, PPO)."""
+    for suffix in ("_resume", "_long"):
+        if name.endswith(suffix):
+            module, data, settings = _case(name.removesuffix(suffix), world, rows)
+            if name.startswith(("grpo", "ppo")):
+                settings = {**settings, "max_steps": 2 * settings["max_steps"]}
+            return module, data, settings
+    if name == "sft":
         data = InstructionDataModule(task=ArithTask(digits=2, train_size=16, val_size=4), max_length=16,
                                      micro_batch_size=4, group_by_length=False, eval_batch_size=4)
         module = SFT(model=_lm(), eval_max_new_tokens=0, optim=ADAM)
@@ -203,17 +214,19 @@ def run_case(name: str, strategy: str | None, directory: str, rows: list[int] | 
     """Fit case ``name`` under ``strategy`` (``None``: one process), then write the full weights of
     the policy and of the other models, whether each was sharded, and (LLaVA) greedy generations on
     images to ``directory/rank<r>.pt``, and the HF export to ``directory/hf`` (collective: every
-    rank exports). ``sft_resume`` fits 1 of its 2 steps writing a checkpoint with ModelCheckpoint
-    (distributed under FSDP2), then resumes it with ``ckpt_path`` in a new trainer and module."""
+    rank exports). A ``<case>_resume`` fits the first half of its steps writing a checkpoint with
+    ModelCheckpoint (distributed under FSDP2), then resumes it with ``ckpt_path`` in a new trainer
+    and module."""
     world = 1 if strategy in (None, "tp") else 2  # data-parallel replicas
     module, data, settings = _case(name, world, rows)
     record: dict = {}
     if name == "dapo":
         _record_kept(module, record)
-    if name == "sft_resume":
+    if name in RESUMED:
         checkpoints = os.path.join(directory, "ckpt")
         first = ModelCheckpoint(dirpath=checkpoints, filename="first", every_n_train_steps=1, save_top_k=1)
-        _trainer(strategy, directory, [first], **{**settings, "max_steps": 1}).fit(module, datamodule=data)
+        half = settings["max_steps"] // 2
+        _trainer(strategy, directory, [first], **{**settings, "max_steps": half}).fit(module, datamodule=data)
         record["checkpoint"] = os.path.join(checkpoints, "first.ckpt")
         module, data, settings = _case(name, world)
     steps = FitSteps()
@@ -377,7 +390,7 @@ def _check_same_export(got, want) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["rm", "dpo", "dpo_lora", "dpo_precomputed", "grpo", "gspo", "ppo", "llava",
+@pytest.mark.parametrize("case", ["sft", "rm", "dpo", "dpo_lora", "dpo_precomputed", "grpo", "gspo", "ppo", "llava",
                                   "llava_dpo"])
 def test_two_processes_equal_one_process(case, two_nodes, tmp_path):
     single = _one_process(case, tmp_path)
@@ -439,24 +452,34 @@ def test_dapo_dynamic_sampling_decides_rounds_together_and_equals_one_process_on
 
 
 @pytest.mark.slow
-def test_fsdp2_checkpoint_resumes_on_two_processes(two_nodes, tmp_path):
-    """SFT under FSDP2: a distributed checkpoint written by ModelCheckpoint after 1 of 2 steps,
-    resumed with ``ckpt_path`` on 2 processes, ends where the uninterrupted 2-process run ends
-    (weights, Adam moments and data position restored), and where one process ends."""
-    straight, resumed = _ranks(two_nodes / "sft-fsdp2"), _ranks(two_nodes / "sft_resume-fsdp2")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+@pytest.mark.parametrize("case", list(RESUMED))
+def test_checkpoint_resumes_on_two_processes(case, strategy, two_nodes, tmp_path):
+    """A checkpoint written by ModelCheckpoint half way (SFT, DPO: after 1 of 2 steps; GRPO: 1 of 2
+    rollouts; PPO: 1 of 2 rollouts, 4 actor and critic steps each), distributed under FSDP2,
+    resumed with ``ckpt_path`` on 2 processes, ends where the uninterrupted 2-process run ends:
+    every model's weights, the optimizers' moments, the data position and (RL) the rollout state
+    restored; the HF export of the resumed run holds its gathered weights."""
+    straight = _ranks(two_nodes / f"{RESUMED[case]}-{strategy}")
+    resumed = _ranks(two_nodes / f"{case}-{strategy}")
     checkpoint = resumed[0]["checkpoint"]
-    assert os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, ".metadata"))  # distributed
-    # the resumed fit starts at the checkpoint's step and trains on the one batch left, so reaching
-    # the uninterrupted weights needs the restored weights, Adam moments and data position
-    assert [(r["fit_start"], r["fit_batches"]) for r in resumed] == [(1, 1)] * 2
-    assert [(r["fit_start"], r["fit_batches"]) for r in straight] == [(0, 2)] * 2
-    for k, v in straight[0]["state"].items():
-        torch.testing.assert_close(resumed[0]["state"][k], v, rtol=0, atol=0, msg=k)
-    single = _one_process("sft", tmp_path)
-    assert _moved(_initial("sft")["policy"], single["state"])
-    _check(straight, single, "fsdp2", "sft")
-    _check(resumed, single, "fsdp2", "sft")
-    _check_export("sft", two_nodes / "sft_resume-fsdp2", resumed[0]["state"])
+    # FSDP2 writes a distributed checkpoint (a directory of shards), DDP one file from rank 0
+    assert os.path.isfile(os.path.join(checkpoint, ".metadata")) if strategy == "fsdp2" else os.path.isfile(checkpoint)
+    # the resumed fit starts at the checkpoint's step and trains on the batches left only
+    steps = straight[0]["global_step"]
+    assert [r["fit_start"] for r in resumed] == [steps // 2] * 2 and [r["fit_start"] for r in straight] == [0] * 2
+    assert [r["fit_batches"] for r in straight] == [2 * r["fit_batches"] for r in resumed]
+    assert [r["global_step"] for r in resumed] == [steps] * 2
+    for part in ("state", "parts"):
+        want = {"policy": straight[0]["state"]} if part == "state" else straight[0]["parts"]
+        for r in resumed:
+            got = {"policy": r["state"]} if part == "state" else r["parts"]
+            assert got.keys() == want.keys()
+            for name, state in want.items():
+                for k, v in state.items():
+                    torch.testing.assert_close(got[name][k], v, rtol=0, atol=0, msg=f"{case} {strategy} {name} {k}")
+    assert _moved(_initial(RESUMED[case].removesuffix("_long"))["policy"], resumed[0]["state"])
+    _check_export(case.removesuffix("_resume"), two_nodes / f"{case}-{strategy}", resumed[0]["state"])
 
 
 if __name__ == "__main__":  # torchrun --nnodes 2 --node_rank k ... -m tests.algorithms.test_strategies <directory>

@@ -188,6 +188,38 @@ def test_resumable_loader_skips_processed_batches_once():
     assert loader.state_dict() == {"epoch": 0, "batches_done": 0}
 
 
+def test_resumable_loader_counts_its_own_epochs_across_an_epoch_end_restart():
+    """Lightning, resumed from a checkpoint written after an epoch's last batch, counts that epoch
+    twice (processed at restart, and again when its empty rest ends): the pass after it is still
+    the next epoch's order, and a checkpoint written after an epoch ended points at the next one."""
+    rows = _rows(10)
+
+    def loader_at(progress):
+        ds = PlannedBatches(rows, [[i] for i in range(10)], lambda packs: collate_rows([p[0] for p in packs], 0), 2,
+                            shuffle=True, group_by_length=False, seed=5)
+        return ResumableLoader(ds, progress=lambda: progress)
+
+    trainer = [0, 0]  # (epochs processed, batches processed in the epoch) as the trainer counts them
+    straight = loader_at(trainer)
+    epochs = []
+    for count in (0, 1):
+        trainer[:] = [count, 0]
+        epochs.append([b["input_ids"] for b in straight])
+        trainer[1] = 5
+        assert straight.state_dict() == {"epoch": count, "batches_done": 5}  # after the last batch
+        trainer[0] = count + 1  # the epoch ended (an epoch-end checkpoint)
+        assert straight.state_dict() == {"epoch": count + 1, "batches_done": 0}
+    assert not all(torch.equal(a, b) for a, b in zip(*epochs))  # two epochs, two orders
+    trainer[:] = [0, 5]
+    resumed = loader_at(trainer)
+    resumed.load_state_dict({"epoch": 0, "batches_done": 5})
+    assert list(resumed) == []  # the rest of epoch 0
+    trainer[:] = [2, 0]  # Lightning's count after the restart
+    again = [b["input_ids"] for b in resumed]
+    assert all(torch.equal(a, b) for a, b in zip(again, epochs[1], strict=True))
+    assert resumed.state_dict() == {"epoch": 1, "batches_done": 0}
+
+
 def test_module_train_loader_packs_within_max_length(tmp_path):
     rows = [{"prompt": "x" * (i % 7), "completion": "y" * (1 + i % 3)} for i in range(40)]
     path = write_jsonl(tmp_path / "rows.jsonl", rows)
