@@ -21,13 +21,13 @@ from lit_align.data import (
     PromptDataModule,
     ShapesTask,
 )
-from lit_align.data.tasks import ShapesTextTask
+from lit_align.data.tasks import ChainTask, ShapesTextTask
 from lit_align.models import CausalLMSpec, LoraSpec
 
 __all__ = ["DAPO", "DPO", "GRPO", "GSPO", "PPO", "LLaVA", "LLaVADPO", "ImageInstructionDataModule", "ShapesTask",
            "ShapesTextTask", "PolicyGradient", "SFT", "RewardModel", "OptimSpec", "ArithTask", "InstructionDataModule",
            "PreferenceDataModule", "PromptDataModule",
-           "CausalLMSpec", "LoraSpec"]
+           "ChainTask", "CausalLMSpec", "LoraSpec"]
 
 
 def _allow_settings_in_checkpoints() -> None:
@@ -43,7 +43,7 @@ def _allow_settings_in_checkpoints() -> None:
 
     torch.serialization.add_safe_globals([CausalLMSpec, LoraSpec, OptimSpec, SamplingParams, EngineSpec, RewardSpec,
                                           VisionTowerSpec, AdaptiveKL, RolloutCorrectionSpec, ArithTask, ShapesTask,
-                                          ShapesTextTask])
+                                          ShapesTextTask, ChainTask])
 
 
 _allow_settings_in_checkpoints()

@@ -8,15 +8,16 @@ from lit_align.data.base import TextDataModule
 from lit_align.data.batching import collate_packed, collate_rows, pack_rows
 from lit_align.data.encode import encode_segments
 from lit_align.data.formats import DEFAULT_COLUMNS, FORMATS, Where, detect_format, renamed_columns, row_to_segments
-from lit_align.data.tasks import ArithTask, ShapesTextTask
+from lit_align.data.tasks import ArithTask, ChainTask, ShapesTextTask
 
 
 class InstructionDataModule(TextDataModule):
     """Instruction and chat data with the loss on completion / assistant tokens only.
 
     Args:
-        task: a built-in task (``arith``, or ``shapes`` rendered as text: the LM stage before
-            LLaVA stage 1) used when ``path`` and ``data_files`` are unset.
+        task: a built-in task (``arith``, ``chain``, or ``shapes`` rendered as text: the LM stage
+            before LLaVA stage 1) used when ``path`` and ``data_files`` are unset. A task with a
+            ``group_key`` (``chain``: ``steps``) also reports held-out exact match per group.
         path: hub id, local folder, or a local json/jsonl/parquet/csv file.
         data_files: files for ``datasets``' json/csv/parquet builders (a dict maps splits to files).
         name: dataset configuration name.
@@ -46,7 +47,7 @@ class InstructionDataModule(TextDataModule):
     left-padded ``prompt_ids``/``prompt_mask``, ``references`` and ``meta``.
     """
 
-    def __init__(self, task: ShapesTextTask | ArithTask | None = None, path: str | None = None,
+    def __init__(self, task: ChainTask | ShapesTextTask | ArithTask | None = None, path: str | None = None,
                  data_files: str | list[str] | dict[str, Any] | None = None, name: str | None = None,
                  train_split: str = "train", val_split: str | None = "validation", test_split: str | None = "test",
                  val_fraction: float = 0.0, format: str = "auto", columns: dict[str, str] | None = None,
@@ -64,6 +65,7 @@ class InstructionDataModule(TextDataModule):
                              " prompt as written (convert the rows to messages, or unset system_prompt)")
         self.columns = renamed_columns(columns, DEFAULT_COLUMNS)
         self.save_hyperparameters(ignore=["task"])
+        self.group_key = getattr(task, "group_key", None) if self.uses_task else None
 
     def row_format(self, columns: list[str]) -> str:
         return self.hparams.format if self.hparams.format != "auto" else detect_format(columns, self.columns)

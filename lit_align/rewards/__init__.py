@@ -10,7 +10,7 @@ Example::
                          max_new_tokens=16)
 """
 
-from lit_align.rewards import builtin as _builtin  # noqa: F401  (registers task_check, arith_match, format, overlong)
+from lit_align.rewards import builtin as _builtin  # noqa: F401  (registers task_check, arith_match, chain_match, format, overlong)
 from lit_align.rewards.base import REWARDS, RewardError, Rewards, RewardSpec, register_reward
 from lit_align.rewards.reward_model import RewardModelReward
 

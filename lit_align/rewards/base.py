@@ -68,7 +68,7 @@ class RewardSpec:
     """One reward term of the total reward.
 
     Args:
-        name: a built-in name (a key of :data:`REWARDS`: ``task_check``, ``arith_match``,
+        name: a built-in name (a key of :data:`REWARDS`: ``task_check``, ``arith_match``, ``chain_match``,
             ``format``, ``overlong``, ``reward_model``) or an import path ``"package.module:function"``
             (a function, a callable class, or a callable object).
         weight: the term's weight in ``total = sum_i weight_i * r_i``; 0 computes and logs the

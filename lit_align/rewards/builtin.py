@@ -1,4 +1,4 @@
-"""Rule-based built-in rewards: ``task_check``, ``arith_match``, ``format`` and ``overlong``.
+"""Rule-based built-in rewards: ``task_check``, ``arith_match``, ``chain_match``, ``format`` and ``overlong``.
 
 Each is registered as a factory: it takes the spec's ``args`` as keyword arguments, checks
 them, and returns ``fn(prompts, completions, meta, **context) -> list[float]``.
@@ -11,7 +11,7 @@ import re
 import torch
 
 from lit_align.data.formats import lookup
-from lit_align.data.tasks import ArithTask
+from lit_align.data.tasks import ArithTask, ChainTask
 from lit_align.losses import overlong_penalty
 from lit_align.rewards.base import RewardError, register_reward
 
@@ -60,11 +60,30 @@ def arith_match(reverse_answer: bool = True, answer_key: str = "answer"):
     Raises (at call time):
         RewardError: a row's meta lacks ``answer_key`` or its value is not an integer.
     """
-    if not isinstance(answer_key, str) or not answer_key:
-        raise ValueError(f"arith_match: answer_key {answer_key!r} must be a non-empty string")
-    task = ArithTask(reverse_answer=bool(reverse_answer))
+    return _answer_match("arith_match", ArithTask(reverse_answer=bool(reverse_answer)).check, answer_key)
 
-    def arith_match_reward(prompts: list[str], completions: list[str], meta: list[dict], **context) -> list[float]:
+
+@register_reward("chain_match")
+def chain_match(answer_key: str = "answer"):
+    """1.0 when the completion's final answer (its first ``answer: N``) is the right value of a
+    ``chain`` problem, else 0.0, read with :meth:`lit_align.data.tasks.ChainTask.check`, so the
+    reward agrees with the task's exact-match metric; the scratchpad is not scored. For chain
+    rows loaded from files (with the built-in task in the data module, ``task_check`` is the same).
+
+    Args:
+        answer_key: as for ``arith_match``.
+    Raises (at call time):
+        RewardError: a row's meta lacks ``answer_key`` or its value is not an integer.
+    """
+    return _answer_match("chain_match", ChainTask().check, answer_key)
+
+
+def _answer_match(name: str, check, answer_key: str):
+    """The 0/1 reward ``check(completion, meta[answer_key])`` (``answer_key`` dotted for nested meta)."""
+    if not isinstance(answer_key, str) or not answer_key:
+        raise ValueError(f"{name}: answer_key {answer_key!r} must be a non-empty string")
+
+    def answer_match_reward(prompts: list[str], completions: list[str], meta: list[dict], **context) -> list[float]:
         out = []
         for i, (completion, row) in enumerate(zip(completions, meta)):
             answer = lookup(row, answer_key, _MISSING)
@@ -72,13 +91,14 @@ def arith_match(reverse_answer: bool = True, answer_key: str = "answer"):
                 keys = sorted(row) if isinstance(row, dict) else type(row).__name__
                 raise RewardError(f"meta has no {answer_key!r} (meta keys: {keys})", row=i)
             try:
-                correct = task.check(completion, answer)
+                correct = check(completion, answer)
             except (TypeError, ValueError) as e:
                 raise RewardError(f"meta[{answer_key!r}] = {answer!r} is not an integer answer", row=i) from e
             out.append(1.0 if correct else 0.0)
         return out
 
-    return arith_match_reward
+    answer_match_reward.__name__ = answer_match_reward.__qualname__ = f"{name}_reward"
+    return answer_match_reward
 
 
 @register_reward("format")
