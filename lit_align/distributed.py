@@ -38,7 +38,7 @@ def data_parallel(trainer) -> tuple[int, int]:
     mesh = getattr(module, "_device_mesh", None)
     if mesh is not None and "data_parallel" in (mesh.mesh_dim_names or ()):
         return mesh["data_parallel"].size(), mesh["data_parallel"].get_local_rank()
-    return trainer.world_size, trainer.global_rank
+    return getattr(trainer, "world_size", 1), getattr(trainer, "global_rank", 0)
 
 
 def all_reduce(value: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:

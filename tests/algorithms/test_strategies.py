@@ -2,11 +2,11 @@
 each, gloo over 127.0.0.1), launched once. In the same two processes, SFT trains through the CLI
 (``--trainer.num_nodes 2 --trainer.devices 1``, DDP), then every case of :data:`RUNS` fits under
 DDP or FSDP2: SFT, the reward model, DPO (frozen copy, LoRA adapters-off and precomputed
-reference), GRPO, GSPO, DAPO (dynamic sampling), PPO (actor, critic and reference), LLaVA stage 2
-and LLaVA-DPO (tower and projector their own units, the image splice and generation under
-sharding), and SFT resumed under FSDP2 from a distributed checkpoint. Each ends at the weights of
-one process that accumulates the same global batch, and its HF export, written from rank 0, holds
-the full (gathered) weights."""
+reference), GRPO, GSPO, DAPO (dynamic sampling), PPO (actor, critic and reference), LLaVA stage 1
+(frozen LM) and 2, and LLaVA-DPO (tower and projector their own units, the image splice and
+generation under sharding); SFT, DPO, GRPO and PPO also resume under both from a checkpoint
+written half way. Each ends at the weights of one process that accumulates the same global
+batch, and its HF export, written from rank 0, holds the full (gathered) weights."""
 
 import os
 import socket
@@ -47,7 +47,7 @@ RUNS = [("dpo", "ddp"), ("dpo", "fsdp2"), ("grpo", "fsdp2"), ("llava", "fsdp2"),
         ("rm", "ddp"), ("rm", "fsdp2"), ("llava_dpo", "ddp"), ("llava_dpo", "fsdp2"), ("gspo", "fsdp2"),
         ("gspo", "ddp"), ("dapo", "fsdp2"), ("dapo", "ddp"), ("ppo", "ddp"), ("ppo", "fsdp2"), ("sft", "fsdp2"),
         ("dpo_lora", "ddp"), ("dpo_lora", "fsdp2"), ("dpo_precomputed", "ddp"), ("dpo_precomputed", "fsdp2"),
-        ("sft", "ddp")]
+        ("sft", "ddp"), ("llava_stage1", "ddp"), ("llava_stage1", "fsdp2"), ("grpo", "ddp")]
 #: resumed case -> the uninterrupted run it must end at (``_long``: twice the steps of the case)
 RESUMED = {"sft_resume": "sft", "dpo_resume": "dpo", "grpo_resume": "grpo_long", "ppo_resume": "ppo_long"}
 RUNS += [(c, s) for resumed, straight in RESUMED.items() for c in dict.fromkeys([straight, resumed])
@@ -130,8 +130,10 @@ def _case(name: str, world: int, rows: list[int] | None = None):
     from lit_align import ShapesTask
     from lit_align.models.vision import VisionTowerSpec
 
-    cls, kind = (LLaVA, "instruction") if name == "llava" else (LLaVADPO, "preference")
-    module = cls(model=_lm(), vision_tower=VisionTowerSpec(**TOWER), eval_max_new_tokens=0, optim=ADAM)
+    # stage 1: captions, the LM frozen, only the projector trains
+    cls, kind, extra = {"llava": (LLaVA, "instruction", {}), "llava_stage1": (LLaVA, "caption", {
+        "freeze_language_model": True}), "llava_dpo": (LLaVADPO, "preference", {})}[name]
+    module = cls(model=_lm(), vision_tower=VisionTowerSpec(**TOWER), eval_max_new_tokens=0, optim=ADAM, **extra)
     data = ImageInstructionDataModule(task=ShapesTask(train_size=8, val_size=4), kind=kind, max_length=160,
                                       micro_batch_size=2, eval_batch_size=2)
     return module, data, dict(max_steps=2, accumulate_grad_batches=2 // world)
@@ -391,12 +393,18 @@ def _check_same_export(got, want) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", ["sft", "rm", "dpo", "dpo_lora", "dpo_precomputed", "grpo", "gspo", "ppo", "llava",
-                                  "llava_dpo"])
+                                  "llava_stage1", "llava_dpo"])
 def test_two_processes_equal_one_process(case, two_nodes, tmp_path):
     single = _one_process(case, tmp_path)
     start = _initial(case)
     # the comparison is between trained weights: the steps moved the policy (and the critic)
-    assert _moved(start["policy"], single["state"])
+    if case == "llava_stage1":  # only the projector trains; the language model stays the base
+        projector = [k for k in start["policy"] if k.startswith("projector.") and k.endswith("weight")]
+        assert projector and all(not torch.equal(start["policy"][k], single["state"][k]) for k in projector)
+        assert all(torch.equal(v, single["state"][k]) for k, v in start["policy"].items()
+                   if k.startswith("language_model."))
+    else:
+        assert _moved(start["policy"], single["state"])
     if case == "ppo":
         assert _moved(start["critic"], single["parts"]["critic"])
     for strategy in [s for c, s in RUNS if c == case]:
