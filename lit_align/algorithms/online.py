@@ -349,7 +349,8 @@ class OnlineRLModule(CausalLMModule):
     # -- logging ----------------------------------------------------------------------
     def rollout_metrics(self, rollout: RolloutBatch, total: torch.Tensor, parts: dict, gen_time: float,
                         train_time: float) -> dict[str, torch.Tensor]:
-        """Each reward's mean/std, accuracy (tasks with a checker), lengths, truncation, timing, and
+        """Each reward's mean/std, accuracy and the mean lengths of right and of wrong completions
+        (tasks with a checker), lengths, truncation, timing, and
         the completions and tokens generated since the run began (``generated/*``, every rank's)."""
         n = len(rollout)
         values = {"reward/mean": total.mean(), "reward/std": total.std() if n > 1 else total.new_tensor(0.0)}
@@ -360,6 +361,12 @@ class OnlineRLModule(CausalLMModule):
         if checker is not None:
             correct = [checker(c, m, "") for c, m in zip(rollout.completions, rollout.meta)]
             values["accuracy"] = torch.tensor(sum(correct) / max(len(correct), 1))
+            # the length of right and of wrong completions apart (Dr. GRPO's claim: a length-biased
+            # loss grows the wrong ones); a kind absent from the rollout is not logged that step
+            right = torch.tensor(correct, dtype=torch.bool, device=rollout.lengths.device)
+            for key, rows in (("correct", right), ("wrong", ~right)):
+                if rows.any():
+                    values[f"response_length/{key}"] = rollout.lengths[rows].float().mean()
         self.watch_truncation(rollout)
         lengths = rollout.lengths.float()
         values.update({

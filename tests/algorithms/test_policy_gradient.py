@@ -571,6 +571,27 @@ def test_several_iterations_use_the_rollout_log_probs_as_old(tmp_path):
         assert key in trainer.callback_metrics, key
 
 
+def test_lengths_of_right_and_wrong_completions_are_logged_apart(tmp_path):
+    """train/response_length/{correct,wrong}: the mean token count of the rollout's completions
+    the task's checker accepts, and of the rest."""
+    m, calls = _module(rewards=[ODD]), {}
+    _recording(m, calls)
+    trainer = _trainer(tmp_path, max_steps=1)
+    trainer.fit(m, datamodule=_data(prompts=4))
+    rollout = calls["collect"][0][0]
+    checker = trainer.datamodule.checker
+    right = [checker(c, meta, "") for c, meta in zip(rollout.completions, rollout.meta)]
+    lengths = rollout.lengths.float().tolist()
+    for key, want in (("correct", True), ("wrong", False)):
+        rows = [n for n, r in zip(lengths, right) if r == want]
+        if rows:
+            got = float(trainer.callback_metrics[f"train/response_length/{key}"])
+            assert got == pytest.approx(sum(rows) / len(rows)), key
+        else:
+            assert f"train/response_length/{key}" not in trainer.callback_metrics
+    assert not all(right)  # a random-init policy: some wrong completions were measured
+
+
 def _record_samples(m):
     """Every ``(rollout, total)`` the module samples, across dynamic-sampling rounds."""
     seen, sample = [], m.sample
