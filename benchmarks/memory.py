@@ -33,8 +33,6 @@ import os
 import random
 import resource
 import statistics
-import subprocess
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,14 +210,10 @@ def worker(job: dict) -> dict:
 
 
 def launch(job: dict) -> dict | None:
+    from throughput import run_worker  # the same fresh-process protocol (benchmarks/ is on sys.path)
+
     env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)], cwd=REPO,
-                          env=env, capture_output=True, text=True)
-    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
-    if done.returncode or not lines:
-        print(f"failed: {job}\n{done.stderr[-4000:]}", file=sys.stderr)
-        return None
-    return json.loads(lines[-1][len("RESULT "):])
+    return run_worker(os.path.abspath(__file__), job, env)
 
 
 def cell(values: list[float], fmt: str = "{:,.0f}") -> str:

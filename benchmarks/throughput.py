@@ -397,8 +397,14 @@ def launch(job: dict, trl_ppo_path: str | None) -> dict | None:
         if not trl_ppo_path:
             return None
         env["PYTHONPATH"] = os.pathsep.join(p for p in (trl_ppo_path, env.get("PYTHONPATH")) if p)
-    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)], cwd=REPO,
-                          env=env, capture_output=True, text=True)
+    return run_worker(os.path.abspath(__file__), job, env)
+
+
+def run_worker(script: str, job: dict, env: dict) -> dict | None:
+    """Run ``script --worker <job>`` in a fresh process (every figure from its own process) and
+    return the dict it printed on its last ``RESULT`` line, or ``None`` (with its stderr) on failure."""
+    done = subprocess.run([sys.executable, script, "--worker", json.dumps(job)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
     if done.returncode or not lines:
         print(f"failed: {job}\n{done.stderr[-4000:]}", file=sys.stderr)

@@ -1,4 +1,5 @@
 import os
+import socket
 
 import pytest
 import torch
@@ -146,3 +147,10 @@ def zoo(tmp_path_factory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def tiny_reward_export(tmp_path_factory) -> str:
     return write_tiny_reward_export(tmp_path_factory.mktemp("rm_export"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now, for a test's own process group."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -44,6 +44,8 @@ class LoraSpec:
         if self.r < 1 or self.alpha <= 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"lora: need r >= 1, alpha > 0 and 0 <= dropout < 1, got r={self.r}, "
                              f"alpha={self.alpha}, dropout={self.dropout}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"lora.seed: expected an integer >= 0, got {self.seed!r}")
         if self.export not in EXPORTS:
             raise ValueError(f"lora.export: {self.export!r} is not one of {EXPORTS}")
         if isinstance(self.target_modules, list) and not self.target_modules:

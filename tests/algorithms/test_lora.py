@@ -204,3 +204,6 @@ def test_adapters_initialise_from_their_own_seed_whatever_the_global_random_stat
     assert first and first.keys() == other_rank.keys()
     assert all(torch.equal(first[k], other_rank[k]) for k in first)
     assert all(not torch.equal(first[k], other_seed[k]) for k in first)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="lora.seed: expected an integer >= 0"):
+            LoraSpec(seed=bad)

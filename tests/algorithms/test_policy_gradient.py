@@ -27,7 +27,7 @@ from lit_align.rollout import (
     decode_completions,
 )
 from lit_align.train import main
-from tests.conftest import REPO, arith_prompts, fit_recipe, sample_rollout, tiny_config
+from tests.conftest import REPO, arith_prompts, fit_recipe, free_port, sample_rollout, tiny_config
 
 G = 4
 
@@ -378,10 +378,7 @@ def test_two_processes_equal_one(tmp_path):
     mask[len(rollout) // 2: len(rollout) // 2 + 4, 1:] = 0  # rank 1 holds fewer tokens
     path, out = str(tmp_path / "state.pt"), str(tmp_path / "grad.pt")
     torch.save({"model": m.model.state_dict(), "rollout": rollout, "adv": adv, "mask": mask}, path)
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_rank_grads, args=(2, port, path, out), nprocs=2, join=True)
     for agg, two in zip(TWO_RANK_MODES, torch.load(out)):
         single = _module(loss_agg_mode=agg)

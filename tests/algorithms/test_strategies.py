@@ -9,7 +9,6 @@ written half way. Each ends at the weights of one process that accumulates the s
 batch, and its HF export, written from rank 0, holds the full (gathered) weights."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -38,7 +37,7 @@ from lit_align.algorithms.policy_gradient import PolicyGradient
 from lit_align.distributed import is_sharded
 from lit_align.rewards import RewardSpec
 from lit_align.rollout import SamplingParams
-from tests.conftest import REPO, arith_prompts, tiny_config
+from tests.conftest import REPO, arith_prompts, free_port, tiny_config
 
 TOWER = dict(library="timm", name="vit_tiny_patch16_224",
              kwargs=dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2))
@@ -256,12 +255,6 @@ def run_case(name: str, strategy: str | None, directory: str, rows: list[int] | 
     torch.save(record, os.path.join(directory, f"rank{trainer.global_rank}.pt"))
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def sft_cli(directory: str, num_nodes: int) -> None:
     """The SFT recipe through the CLI, as the README's multi-node commands run it, with the small
     settings and the full-weights record of the DDP equivalence test."""
@@ -279,7 +272,7 @@ def sft_cli(directory: str, num_nodes: int) -> None:
 def two_nodes(tmp_path_factory):
     root = tmp_path_factory.mktemp("two")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    port = str(_port())
+    port = str(free_port())
     launchers = [subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--node_rank",
          str(k), "--master_addr", "127.0.0.1", "--master_port", port, "-m", "tests.algorithms.test_strategies",

@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from tests.algorithms.test_strategies import _check_export, _initial, _moved, _one_process, _port, _ranks
-from tests.conftest import REPO
+from tests.algorithms.test_strategies import _check_export, _initial, _moved, _one_process, _ranks
+from tests.conftest import REPO, free_port
 
 CASES = ["sft", "dpo", "rm"]
 # the split layers sum partial products in another order (all-reduce of two halves)
@@ -34,7 +34,7 @@ def tensor_parallel(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--master_addr",
-         "127.0.0.1", "--master_port", str(_port()), "-m", "tests.algorithms.test_tensor_parallel", str(root)],
+         "127.0.0.1", "--master_port", str(free_port()), "-m", "tests.algorithms.test_tensor_parallel", str(root)],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     return root

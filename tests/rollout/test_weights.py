@@ -2,7 +2,6 @@
 under each name), LoRA merged exactly as peft merges it, FSDP2 shards gathered one tensor at a time."""
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.multiprocessing as mp
 
 from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, build_tokenizer
 from lit_align.rollout.weights import policy_weights
-from tests.conftest import tiny_config
+from tests.conftest import free_port, tiny_config
 
 TOK = build_tokenizer("byte")
 
@@ -119,9 +118,7 @@ def _fsdp2_rank(rank, world, port, out):
 
 @pytest.mark.slow
 def test_fsdp2_shards_are_gathered_one_tensor_at_a_time(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     mp.spawn(_fsdp2_rank, args=(2, port, str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         r = torch.load(tmp_path / f"{rank}.pt")

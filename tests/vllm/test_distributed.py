@@ -13,7 +13,6 @@ fit's engine replaces the DDP fit's (closing it), and closing an engine leaves t
 process group up."""
 
 import os
-import socket
 import subprocess
 import sys
 import weakref
@@ -27,7 +26,7 @@ pytest.importorskip("vllm", reason=SKIP_REASON)
 
 from lit_align.models import CausalLMSpec, build_causal_lm, build_tokenizer  # noqa: E402
 from lit_align.rollout import HFEngine, SamplingParams  # noqa: E402
-from tests.conftest import REPO  # noqa: E402
+from tests.conftest import REPO, free_port  # noqa: E402
 
 STRATEGIES = ("ddp", "fsdp2")
 G = 4  # completions per prompt
@@ -175,19 +174,13 @@ def _run(strategy: str, directory: str) -> None:
 
 
 # -- the pytest process -------------------------------------------------------------------
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_two")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
            "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_port()), "-m", "tests.vllm.test_distributed", str(root)]
+           "--master_port", str(free_port()), "-m", "tests.vllm.test_distributed", str(root)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-8000:]
     return {s: [torch.load(root / s / f"rank{r}.pt", weights_only=False) for r in (0, 1)] for s in STRATEGIES}
