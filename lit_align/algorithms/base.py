@@ -25,7 +25,7 @@ from lit_align.distributed import is_sharded, tensor_parallel_size, use_device_m
 from lit_align.evaluation import ExactMatch, GroupedExactMatch
 from lit_align.losses import token_logprobs
 from lit_align.models import CausalLMSpec, LoraSpec, apply_lora, build_causal_lm, load_tokenizer
-from lit_align.models.causal_lm import check_shardable, decoder_layer_classes, model_skeleton
+from lit_align.models.causal_lm import check_shardable, decoder_layer_classes, model_skeleton, router_aux_loss_coef
 from lit_align.models.lora import check_targets, find_peft
 from lit_align.models.parallel import apply_tensor_parallel, check_tensor_parallel
 from lit_align.models.tokenizer import end_of_turn_ids
@@ -45,6 +45,9 @@ class CausalLMModule(L.LightningModule):
 
     # without generation there is no exact match: keep the best held-out loss instead
     fallback_monitor = ("val/loss", "min")
+    # modules whose training loss adds a mixture-of-experts model's router load-balancing loss
+    # (``output_router_logits: true``); the others refuse such a config rather than ignore it
+    supports_router_aux_loss = False
 
     @property
     def monitor(self) -> tuple[str | None, str]:
@@ -60,6 +63,12 @@ class CausalLMModule(L.LightningModule):
         self.num_logged_samples = num_logged_samples
         self.lora = lora
         self.tokenizer = load_tokenizer(model)
+        self.router_aux_loss_coef = router_aux_loss_coef(model, self.tokenizer)
+        if self.router_aux_loss_coef is not None and not self.supports_router_aux_loss:
+            raise ValueError(f"{type(self).__name__}: model config sets output_router_logits: true, but this module "
+                             "does not add the router load-balancing loss (SFT and DPO do); set "
+                             "model.extra.output_router_logits: false")
+        self._router_aux: list[torch.Tensor] = []
         if lora is not None:  # from the config alone: a wrong target fails before weights load
             check_targets(lora, model_skeleton(model, self.tokenizer), f"{type(self).__name__}.lora.target_modules")
         self.model = None
@@ -75,6 +84,10 @@ class CausalLMModule(L.LightningModule):
         if self.model is None:
             # from_pretrained returns eval mode and Lightning keeps submodule modes as they are
             self.model = build_causal_lm(self.spec, self.tokenizer).train()
+            if self.router_aux_loss_coef is not None:
+                # router logits only in training forwards (lm_forward asks for them): generation's
+                # cached steps would pair them with the whole attention mask, and scoring needs none
+                self.model.config.output_router_logits = False
             if self.lora is not None:
                 self.model = apply_lora(self.model, self.lora)
             self.model = self.shard(self.model)
@@ -127,9 +140,28 @@ class CausalLMModule(L.LightningModule):
         """Logits ``[B, T, V]`` of ``model`` (default the policy), or of the last ``logits_to_keep``
         positions only ``[B, K, V]`` (0: all); packed batches come without attention mask, with
         position ids."""
-        return (model or self.model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
-                                     position_ids=batch.get("position_ids"), use_cache=False,
-                                     logits_to_keep=logits_to_keep).logits
+        router = self.router_aux_loss_coef is not None and (model is None or model is self.model) \
+            and torch.is_grad_enabled() and self.training
+        kwargs = {"output_router_logits": True} if router else {}
+        out = (model or self.model)(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"),
+                                    position_ids=batch.get("position_ids"), use_cache=False,
+                                    logits_to_keep=logits_to_keep, **kwargs)
+        if router:
+            self._router_aux.append(out.aux_loss)  # taken by the micro-batch's router_aux_share
+        return out.logits
+
+    def router_aux_share(self) -> torch.Tensor | float:
+        """This micro-batch's share of the step's router load-balancing loss: ``coef`` times the
+        mean of its training forwards' ``aux_loss`` (each over the forward's unpadded tokens),
+        divided by the step's micro-batches and data-parallel replicas, so the step adds
+        ``coef`` times the mean over micro-batches (see :mod:`lit_align.algorithms.steps`).
+        Logs ``train/router_aux_loss``. 0 for a model without router logits."""
+        if not self._router_aux:
+            return 0.0
+        aux = torch.stack(self._router_aux).mean()
+        self._router_aux.clear()
+        self.log("train/router_aux_loss", aux.detach(), batch_size=1)
+        return self.router_aux_loss_coef * aux / step_scale(self._trainer, self.automatic_optimization)
 
     def shifted(self, batch: dict, model: torch.nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token log-probs ``[B, L]`` of each next label under ``model`` (default the
@@ -455,5 +487,10 @@ class CausalLMModule(L.LightningModule):
         state = self.export_state_dict()
         if self.global_rank == 0:
             os.makedirs(directory, exist_ok=True)
-            (peft.get_base_model() if peft is not None else self.model).save_pretrained(directory, state_dict=state)
+            model = peft.get_base_model() if peft is not None else self.model
+            model.save_pretrained(directory, state_dict=state)
+            if self.router_aux_loss_coef is not None:  # the config as given, not as training ran it
+                config = type(model.config).from_pretrained(directory)
+                config.output_router_logits = True
+                config.save_pretrained(directory)
             self.tokenizer.save_pretrained(directory)

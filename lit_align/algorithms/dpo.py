@@ -51,10 +51,13 @@ class DPO(CausalLMModule):
             log-probs of a pair are noisy while the reference's (eval mode) are not.
 
     The loss is a mean over the pairs of the whole optimizer step (over gradient
-    accumulation and data-parallel ranks), so it does not depend on the micro-batch split.
+    accumulation and data-parallel ranks), so it does not depend on the micro-batch split. A
+    mixture-of-experts policy with ``output_router_logits: true`` adds its router
+    load-balancing loss times ``router_aux_loss_coef`` (TRL's ``aux_loss_enabled``).
     """
 
     supports_tensor_parallel = True
+    supports_router_aux_loss = True
 
     def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, beta: float = 0.1,
                  loss_type: str = "sigmoid", label_smoothing: float = 0.0, sft_weight: float = 0.0,
@@ -172,7 +175,7 @@ class DPO(CausalLMModule):
         losses = self._step(batch, "train")
         self.log("train/loss", losses.mean().detach(), prog_bar=True, batch_size=len(losses))
         self.log_throughput(batch)
-        return self.step_loss(losses.sum() / batch["num_seqs_step"])
+        return self.step_loss(losses.sum() / batch["num_seqs_step"] + self.router_aux_share())
 
     def evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
         if stage == "val":  # the held-out preference loss and reward metrics; test scores generations only

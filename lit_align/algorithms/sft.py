@@ -18,12 +18,15 @@ class SFT(CausalLMModule):
     packed, ``position_ids``; ``num_label_tokens_step`` counts the label tokens of
     the optimizer step over all micro-batches and ranks. Normalising by it makes one
     step's loss and gradient the same however its rows are split into micro-batches
-    (the gradient-accumulation fix of HF Trainer's ``num_items_in_batch``).
+    (the gradient-accumulation fix of HF Trainer's ``num_items_in_batch``). A
+    mixture-of-experts model with ``output_router_logits: true`` adds its router
+    load-balancing loss times ``router_aux_loss_coef`` (as HF's own loss does).
 
     Args: see :class:`~lit_align.algorithms.base.CausalLMModule`.
     """
 
     supports_tensor_parallel = True
+    supports_router_aux_loss = True
 
     def __init__(self, *, model: CausalLMSpec, optim: OptimSpec | None = None, eval_max_new_tokens: int = 32,
                  num_logged_samples: int = 4, lora: LoraSpec | None = None):
@@ -37,7 +40,7 @@ class SFT(CausalLMModule):
         n = mask.sum().clamp(min=1)
         self.log("train/loss", (-(logp * mask).sum() / n).detach(), prog_bar=True, batch_size=int(n))
         self.log_throughput(batch)
-        return self.step_loss(share)
+        return self.step_loss(share + self.router_aux_share())
 
     def evaluate(self, batch: dict, batch_idx: int, stage: str) -> None:
         logp, mask = self.shifted(batch)

@@ -63,6 +63,17 @@ class CausalLMSpec:
         return self.tokenizer or self.pretrained or "byte"
 
 
+def router_aux_loss_coef(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase) -> float | None:
+    """The weight of a mixture-of-experts model's load-balancing loss (Switch Transformer, Fedus
+    et al. 2021, eq. 4: ``num_experts * sum_i f_i * P_i``) when its config asks for router logits
+    (``output_router_logits: true``, set in the config or in ``extra``), else ``None``. The
+    weight is the config's ``router_aux_loss_coef``; a dense model has neither field."""
+    config = build_hf_config(spec, tokenizer)
+    if not spec.extra.get("output_router_logits", getattr(config, "output_router_logits", False)):
+        return None
+    return float(spec.extra.get("router_aux_loss_coef", getattr(config, "router_aux_loss_coef", 0.0)))
+
+
 def build_hf_config(spec: CausalLMSpec, tokenizer: PreTrainedTokenizerBase):
     """The HF config of ``spec``: loaded, or built inline with the tokenizer's ids."""
     if spec.pretrained is not None:
