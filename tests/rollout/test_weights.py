@@ -113,6 +113,8 @@ def _fsdp2_rank(rank, world, port, out):
         torch.distributed.tensor.DTensor.full_tensor = real
     ok = set(gathered) == set(full) and all(torch.equal(gathered[k], full[k]) for k in gathered)
     torch.save({"ok": ok, "peak": peak[0], "n": len(gathered), "calls": calls[0]}, os.path.join(out, f"{rank}.pt"))
+    # no rank tears gloo down while its peer may still be in the last all-gather (an abort at exit)
+    dist.barrier()
     dist.destroy_process_group()
 
 
