@@ -13,8 +13,8 @@ with the checkpoints trained from it::
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
+import os
 
 import torch
 
@@ -44,14 +44,14 @@ def routing_change(before: torch.Tensor, after: torch.Tensor, mask: torch.Tensor
 
 
 def load_weights(model: torch.nn.Module, path: str) -> torch.nn.Module:
-    """``model`` with the weights of ``path``: an HF directory, or a lit_align Lightning
-    checkpoint (``.ckpt``) whose policy entries are ``model.<name>``. Strict: a missing or extra
-    key is an error naming it."""
-    if not path.endswith(".ckpt"):
-        from transformers import AutoModelForCausalLM
+    """``model`` with the policy weights of a lit_align Lightning checkpoint ``path`` (``.ckpt``,
+    read with :func:`~lit_align.models.reward.load_checkpoint_safely`), whose policy entries are
+    ``model.<name>``. Strict: a missing or extra key is an error naming it."""
+    from lit_align.models.reward import load_checkpoint_safely
 
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    state = load_checkpoint_safely(path).get("state_dict")
+    if state is None:
+        raise ValueError(f"{path}: no state_dict, not a Lightning checkpoint")
     policy = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
     missing, unexpected = model.load_state_dict(policy, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]
@@ -63,45 +63,61 @@ def load_weights(model: torch.nn.Module, path: str) -> torch.nn.Module:
 
 @torch.no_grad()
 def routing_of(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`expert_sets` of a right-padded ``[B, T]`` batch under ``model`` (eval mode)."""
     out = model.eval()(input_ids=input_ids, attention_mask=attention_mask, output_router_logits=True)
     return expert_sets(out.router_logits, k)
 
 
-def _task(recipe: str):
-    import yaml
+def validation_batch(recipe: str, tokenizer, rows: int) -> dict[str, torch.Tensor]:
+    """The first ``rows`` validation rows of ``recipe``'s data, encoded by its own datamodule
+    (chat template, completion, EOS, length limit) with ``tokenizer``, right-padded:
+    ``input_ids`` and ``attention_mask`` ``[rows, T]``."""
+    from lit_align.train import main as cli_main
 
-    with open(recipe) as f:
-        spec = yaml.safe_load(f)["data"]["init_args"]["task"]
-    module, _, name = spec["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module), name)(**spec.get("init_args", {}))
+    dm = cli_main(["--config", recipe], run=False).datamodule
+    dm.tokenizer = tokenizer
+    dm.setup("validate")
+    encoded = [r["input_ids"] for r in dm.encoded.get("validation", [])[:rows]]
+    if not encoded:
+        raise ValueError(f"{recipe}: the data has no validation rows to route")
+    width = max(map(len, encoded))
+    ids = torch.full((len(encoded), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for i, row in enumerate(encoded):
+        ids[i, :len(row)], mask[i, :len(row)] = torch.tensor(row), 1
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", required=True, help="HF directory of the model before training")
     parser.add_argument("--after", required=True, action="append", help="HF directory or .ckpt (repeatable)")
-    parser.add_argument("--recipe", required=True, help="a recipe whose data.init_args.task gives the text")
-    parser.add_argument("--rows", type=int, default=500, help="held-out rows (prompt + reference completion)")
+    parser.add_argument("--recipe", required=True, help="a recipe whose validation rows are routed")
+    parser.add_argument("--rows", type=int, default=500, help="validation rows routed (>= 1)")
     args = parser.parse_args(argv)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if args.rows < 1:
+        parser.error(f"--rows must be >= 1, got {args.rows}")
+    for path in (args.before, *args.after):
+        if not os.path.exists(path):
+            parser.error(f"{path} does not exist")
+    from transformers import AutoModelForCausalLM
 
-    from lit_align.models.tokenizer import BYTE_TOKENIZER, build_tokenizer
+    from lit_align.models.tokenizer import build_tokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.before)
-    except (OSError, ValueError):
-        tokenizer = build_tokenizer(BYTE_TOKENIZER)
-    rows = _task(args.recipe).rows("instruction")["validation"][:args.rows]
-    texts = [r["prompt"] + r["completion"] for r in rows]
-    tokenizer.padding_side = "right"
-    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-    base = AutoModelForCausalLM.from_pretrained(args.before, dtype=torch.float32)
-    k = base.config.num_experts_per_tok
+    def load(path: str) -> torch.nn.Module:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+    base = load(args.before)
+    k = getattr(base.config, "num_experts_per_tok", None)
+    if not k:
+        parser.error(f"--before {args.before}: {base.config.model_type} is not a mixture-of-experts model "
+                     "(its config has no num_experts_per_tok)")
+    batch = validation_batch(args.recipe, build_tokenizer(args.before), args.rows)
     before = routing_of(base, batch["input_ids"], batch["attention_mask"], k)
     mask = batch["attention_mask"].reshape(-1).bool()
     result = {}
     for path in args.after:
-        after = load_weights(AutoModelForCausalLM.from_pretrained(args.before, dtype=torch.float32), path)
+        after = load_weights(load(args.before), path) if path.endswith(".ckpt") else load(path)
         result[path] = float(routing_change(before, routing_of(after, batch["input_ids"], batch["attention_mask"], k),
                                             mask))
         print(f"{path}: {result[path]:.2%} of (layer, token) pairs routed to another expert set", flush=True)

@@ -37,13 +37,13 @@ def test_load_weights_from_a_lightning_checkpoint(tmp_path):
         load_weights(model, str(tmp_path / "bad.ckpt"))
 
 
-def test_cli_counts_reroutes_of_a_trained_copy(zoo, tmp_path, repo_root):
+def test_cli_counts_reroutes_of_a_trained_copy(zoo, tmp_path, repo_root, capsys):
     """The command on the zoo's MoE: its own weights change nothing; a copy whose first router
     prefers other experts (a Lightning checkpoint, as training writes) re-routes exactly the
     (layer, token) pairs whose top-2 set the edit changes, counted here by hand."""
     import os
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from lit_align.evaluation.routing import main, routing_of
 
@@ -57,17 +57,21 @@ def test_cli_counts_reroutes_of_a_trained_copy(zoo, tmp_path, repo_root):
     result = main(["--before", zoo["moe"], "--after", zoo["moe"], "--after", str(tmp_path / "last.ckpt"),
                    "--recipe", recipe, "--rows", "6"])
     assert result[zoo["moe"]] == 0.0
-    # by hand: the same rows, padded right, real tokens only
-    from lit_align.evaluation.routing import _task
+    # by hand: the same rows as the recipe's datamodule encodes them, real tokens only
+    from lit_align.evaluation.routing import validation_batch
+    from lit_align.models.tokenizer import build_tokenizer
 
-    rows = _task(recipe).rows("instruction")["validation"][:6]
-    tokenizer = AutoTokenizer.from_pretrained(zoo["moe"])
-    tokenizer.padding_side = "right"
-    batch = tokenizer([r["prompt"] + r["completion"] for r in rows], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
+    batch = validation_batch(recipe, build_tokenizer(zoo["moe"]), 6)
+    assert batch["input_ids"].shape[0] == 6 and batch["attention_mask"].sum(-1).min() > 0
     k = base.config.num_experts_per_tok
     before = routing_of(base, batch["input_ids"], batch["attention_mask"], k)
     after = routing_of(trained, batch["input_ids"], batch["attention_mask"], k)
     real = batch["attention_mask"].reshape(-1).bool()
     changed = (before != after).any(-1)[:, real]  # [layers, real tokens]
     assert changed[0].any() and changed.float().mean().item() == pytest.approx(result[str(tmp_path / "last.ckpt")])
+    for argv, message in ((["--before", zoo["qwen2_base"]], "qwen2 is not a mixture-of-experts model"),
+                          (["--before", zoo["moe"], "--rows", "0"], "--rows must be >= 1, got 0"),
+                          (["--before", str(tmp_path / "nowhere")], "nowhere does not exist")):
+        with pytest.raises(SystemExit):
+            main([*argv, "--after", zoo["moe"], "--recipe", recipe])
+        assert message in capsys.readouterr().err
